@@ -1,0 +1,30 @@
+# make demo: set up .venv and run the embedded default (pre-training on synthetic video, CPU).
+# make test: set up .venv and run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]" "$(TORCH)"
+	touch $@
+
+demo: install
+	$(PY) -m lifecycle stage=pretrain hydra.run.dir=$(DEMO_DIR) trainer.resume=last
+	@echo "run directory: $(DEMO_DIR) (checkpoints/, export/, metrics.csv, samples/final/)"
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,31 @@
+"""`python -m lifecycle stage=... [key=value ...]`: one Hydra entry point for every stage."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+from .config import ConfigError, validate
+
+CONF_DIR = os.environ.get("LIFECYCLE_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
+log = logging.getLogger("lifecycle")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig):
+    try:
+        cfg = validate(cfg)
+        result = get_method(cfg.stage.run)(cfg)
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        sys.exit(2)
+    log.info("%s done: %s", cfg.stage.name, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

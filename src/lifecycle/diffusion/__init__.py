@@ -1,0 +1,1 @@
+"""Diffusion and flow-matching math: noising processes, prediction targets and loss weights."""

@@ -1,0 +1,225 @@
+"""ModelBundle: denoiser + VAE + text encoder/tokenizer + noise schedule, saved as one folder.
+
+The folder follows the diffusers pipeline layout (`model_index.json` plus one subfolder per
+component), so a hub id such as a ModelScope or Wan repository and a bundle exported by a
+stage load through the same `from_pretrained`.
+"""
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+)
+from torch import nn
+from transformers import AutoTokenizer
+
+from ..diffusion.sampling import sample
+from .folded_unet import FramesAsChannelsUNet
+from .text import encode_prompts
+
+DENOISER_FOLDERS = ("unet", "transformer")
+LINEAGE_FILE = "lineage.json"
+
+
+def _library_of(obj) -> str:
+    top = type(obj).__module__.split(".")[0]
+    return top if hasattr(importlib.import_module(top), type(obj).__name__) else type(obj).__module__
+
+
+def training_scheduler(scheduler):
+    """The training noise schedule for any loaded scheduler: flow matching or DDPM betas."""
+    cfg = scheduler.config
+    if type(scheduler).__name__.startswith("FlowMatch") or cfg.get("prediction_type") == "flow_prediction":
+        shift = cfg.get("shift", cfg.get("flow_shift", 1.0))
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=shift)
+    return scheduler if isinstance(scheduler, DDPMScheduler) else DDPMScheduler.from_config(cfg)
+
+
+class ModelBundle(nn.Module):
+    """Everything a stage needs to train or sample one diffusion model.
+
+    Videos are float (B, F, C, H, W) in [0, 1]; latents are (B, C, F, h, w) as diffusers'
+    video models take them (an image model sees F = 1). `vae=None` means pixel space.
+    """
+
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, tokenizer, scheduler, vae: nn.Module | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.scheduler = training_scheduler(scheduler)
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def is_flow(self) -> bool:
+        return isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)
+
+    @property
+    def prediction_type(self) -> str:
+        """What the denoiser outputs: epsilon, v_prediction, sample (x0) or flow (velocity)."""
+        return "flow" if self.is_flow else self.scheduler.config.prediction_type
+
+    @property
+    def fixed_frames(self) -> int | None:
+        """Frame count the architecture requires (1 for image models), None if any count works."""
+        if isinstance(self.denoiser, FramesAsChannelsUNet):
+            return self.denoiser.config.num_frames
+        if isinstance(self.denoiser, UNet2DConditionModel):
+            return 1
+        return None
+
+    @property
+    def denoiser_folder(self) -> str:
+        return "transformer" if "Transformer" in type(self.denoiser).__name__ else "unet"
+
+    def inference_scheduler(self):
+        """A fresh sampling scheduler: Euler for flow models, DDIM otherwise."""
+        if self.is_flow:
+            return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
+
+    # -- encoders -----------------------------------------------------------------------------
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts)
+
+    def _latent_norm(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(shift, scale) with latents = (z - shift) * scale, per the VAE's own config."""
+        cfg = self.vae.config
+        if cfg.get("latents_mean") is not None:  # Wan-style per-channel statistics
+            shape = (1, -1, 1, 1, 1)
+            mean = torch.tensor(cfg.latents_mean).view(shape)
+            return mean, 1.0 / torch.tensor(cfg.latents_std).view(shape)
+        return cfg.get("shift_factor") or 0.0, cfg.get("scaling_factor", 1.0)
+
+    def encode_video(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, F, C, H, W) in [0, 1] -> latents (B, C, F, h, w)."""
+        x = video.permute(0, 2, 1, 3, 4) * 2 - 1
+        if self.vae is None:
+            return x
+        b, c, f, h, w = x.shape
+        if isinstance(self.vae, AutoencoderKL):  # an image VAE encodes frame by frame
+            frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+            z = self.vae.encode(frames).latent_dist.sample(generator)
+            z = z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
+        else:
+            z = self.vae.encode(x).latent_dist.sample(generator)
+        shift, scale = self._latent_norm()
+        return (z - _to(shift, z)) * _to(scale, z)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, F, h, w) -> video (B, F, C, H, W) in [0, 1]."""
+        if self.vae is None:
+            x = latents
+        else:
+            shift, scale = self._latent_norm()
+            z = latents / _to(scale, latents) + _to(shift, latents)
+            if isinstance(self.vae, AutoencoderKL):
+                b, c, f, h, w = z.shape
+                frames = self.vae.decode(z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)).sample
+                x = frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
+            else:
+                x = self.vae.decode(z).sample
+        return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+
+    # -- denoiser -----------------------------------------------------------------------------
+    def denoise(self, x_t: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """One denoiser call on latents (B, C, F, h, w); the output has the same shape.
+
+        Pooled text conditions the timestep embedding where the architecture has a slot for it
+        (UNet2D `class_embed_type="projection"`, UNet3D `time_cond_proj_dim`).
+        """
+        d = self.denoiser
+        if isinstance(d, UNet2DConditionModel):
+            labels = pooled if d.config.class_embed_type == "projection" else None
+            return d(x_t[:, :, 0], timestep, hidden, class_labels=labels).sample.unsqueeze(2)
+        if isinstance(d, FramesAsChannelsUNet):
+            labels = pooled if d.unet.config.class_embed_type == "projection" else None
+            return d(x_t, timestep, hidden, class_labels=labels).sample
+        if isinstance(d, UNet3DConditionModel):
+            cond = pooled if d.config.time_cond_proj_dim else None
+            return d(x_t, timestep, hidden, timestep_cond=cond).sample
+        return d(hidden_states=x_t, timestep=timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+
+    # -- sampling -----------------------------------------------------------------------------
+    def latent_shape(self, frames: int, resolution: int) -> tuple[int, int, int, int]:
+        """(C, F, h, w) of the latents for a clip of `frames` x `resolution`^2 pixels."""
+        if self.vae is None:
+            return (3, frames, resolution, resolution)
+        if not isinstance(self.vae, AutoencoderKL):
+            raise NotImplementedError(f"latent_shape: no rule for {type(self.vae).__name__}")
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.vae.config.latent_channels, frames, resolution // down, resolution // down)
+
+    def generate(self, prompts: list[str], frames: int, resolution: int, num_steps: int = 25,
+                 guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32, eta: float = 0.0) -> torch.Tensor:
+        """Text-to-video sampling -> (B, F, C, H, W) in [0, 1]; prompt i always starts from noise seed `seed + i`."""
+        device = next(self.denoiser.parameters()).device
+        shape = self.latent_shape(frames, resolution)
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            noise = torch.stack([
+                torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i)) for i in range(len(chunk))
+            ]).to(device)
+            cond = self.encode_text(chunk)
+            uncond = self.encode_text([""] * len(chunk))
+            latents = sample(self.denoise, self.inference_scheduler(), noise, cond, uncond, guidance_scale,
+                             num_steps, eta, torch.Generator(device).manual_seed(seed + start))
+            out.append(self.decode_latents(latents))
+        return torch.cat(out)
+
+    # -- persistence --------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike, lineage: dict | None = None) -> Path:
+        """Write the bundle as a diffusers-style folder (plus `lineage.json`) that from_pretrained reloads."""
+        path = Path(path)
+        parts = {self.denoiser_folder: self.denoiser, "text_encoder": self.text_encoder, "vae": self.vae}
+        index = {"_class_name": "ModelBundle"}
+        for name, module in parts.items():
+            if module is not None:
+                module.save_pretrained(path / name, safe_serialization=True)
+                index[name] = [_library_of(module), type(module).__name__]
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.scheduler.save_pretrained(path / "scheduler")
+        index["tokenizer"] = ["transformers", "AutoTokenizer"]
+        index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+        if lineage is not None:
+            (path / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype | None = None, **kwargs) -> "ModelBundle":
+        """Load from a local folder or a hub id laid out as a diffusers pipeline."""
+        index = DiffusionPipeline.load_config(path_or_id, **kwargs)
+        found = {}
+        for name in (*DENOISER_FOLDERS, "vae", "text_encoder", "scheduler", "tokenizer"):
+            spec = index.get(name)
+            if not spec or spec[0] is None:
+                continue
+            library, class_name = spec
+            if name == "tokenizer":
+                found[name] = AutoTokenizer.from_pretrained(path_or_id, subfolder=name, **kwargs)
+                continue
+            klass = getattr(importlib.import_module(library), class_name)
+            extra = {} if name == "scheduler" or torch_dtype is None else {"torch_dtype": torch_dtype}
+            found[name] = klass.from_pretrained(path_or_id, subfolder=name, **extra, **kwargs)
+        denoiser = next((found[n] for n in DENOISER_FOLDERS if n in found), None)
+        missing = [n for n in ("text_encoder", "tokenizer", "scheduler") if n not in found]
+        if denoiser is None or missing:
+            raise ValueError(f"{path_or_id}: model_index.json lacks {missing or ['unet or transformer']}")
+        return cls(denoiser, found["text_encoder"], found["tokenizer"], found["scheduler"], found.get("vae"))
+
+
+def _to(v, like: torch.Tensor):
+    return v.to(like) if torch.is_tensor(v) else v

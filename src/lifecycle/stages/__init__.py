@@ -1,0 +1,1 @@
+"""Training stages: one LightningModule per phase of a model's life."""

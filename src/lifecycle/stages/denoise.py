@@ -1,0 +1,139 @@
+"""Pre-training (and SFT): the denoising objective over a resolution/frame-count curriculum.
+
+Per step: encode video and caption, draw t and noise (with offset), noise the latents, predict,
+convert the prediction into the loss space, Min-SNR-γ-weighted MSE, guard, clip, step.
+"""
+
+import math
+
+import lightning as L
+import torch
+from diffusers.optimization import get_scheduler
+
+from ..data.curriculum import Curriculum
+from ..diffusion import noise as nz
+from ..models import ModelBundle
+from .guard import DivergenceError, LossGuard
+
+
+class DenoiseStage(L.LightningModule):
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        curriculum: Curriculum,
+        objective: dict,
+        optimizer: dict,
+        lr_scheduler: dict,
+        guard: dict,
+        gradient_clip: float | None = 1.0,
+        accumulate: int = 1,
+        train_text_encoder: bool = False,
+        max_steps: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.automatic_optimization = False  # the guard decides per step whether the update is applied
+        self.bundle, self.curriculum = bundle, curriculum
+        self.objective, self.optim_cfg, self.sched_cfg = dict(objective), dict(optimizer), dict(lr_scheduler)
+        self.gradient_clip, self.accumulate, self.seed = gradient_clip, accumulate, seed
+        self.max_steps = max_steps or curriculum.total_steps
+        self.guard = LossGuard(**guard)
+        self.batches_seen = 0
+        bundle.text_encoder.requires_grad_(train_text_encoder)
+        if bundle.vae is not None:
+            bundle.vae.requires_grad_(False)
+        self.train_text_encoder = train_text_encoder
+
+    # -- objective ----------------------------------------------------------------------------
+    def denoising_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+        b, obj = self.bundle, self.objective
+        n = len(batch["caption"])
+        keep = torch.rand(n, generator=g, device=self.device) >= obj["caption_dropout"]
+        captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist())]
+        with torch.set_grad_enabled(self.train_text_encoder):
+            hidden, pooled = b.encode_text(captions)
+        with torch.no_grad():
+            x0 = b.encode_video(batch["video"], generator=g)
+        noise = nz.offset_noise(torch.randn(x0.shape, generator=g, device=self.device), obj["noise_offset"], g)
+        if b.is_flow:
+            t = nz.sample_flow_t(n, obj["flow_timesteps"], obj["logit_mean"], obj["logit_std"], g, self.device)
+            t = nz.shift_flow_t(t, b.scheduler.config.shift)
+            x_t = nz.flow_interpolate(x0, noise, t)
+            pred = b.denoise(x_t, t * b.scheduler.config.num_train_timesteps, hidden, pooled)
+            return nz.masked_mse_per_sample(pred, nz.target("flow", x0, noise)).mean()
+        ts = nz.sample_timesteps(n, b.scheduler.config.num_train_timesteps, g, self.device)
+        alpha, sigma = nz.alpha_sigma(b.scheduler.alphas_cumprod, ts)
+        x_t = nz.add_noise(x0, noise, alpha, sigma)
+        kind = obj["loss_space"] or b.prediction_type
+        pred = nz.convert_prediction(b.denoise(x_t, ts, hidden, pooled), b.prediction_type, kind, x_t, alpha, sigma)
+        mse = nz.masked_mse_per_sample(pred, nz.target(kind, x0, noise, alpha, sigma))
+        weight = nz.min_snr_weight(nz.snr(alpha, sigma), obj["min_snr_gamma"], kind, obj["min_snr_floor"])
+        return (weight * mse).mean()
+
+    # -- loop ---------------------------------------------------------------------------------
+    def step_generator(self) -> torch.Generator:
+        """Randomness for the batch about to run, a function of (seed, batch, rank) alone: resume is exact."""
+        g = torch.Generator(device=self.device)
+        return g.manual_seed(self.seed * 1_000_003 + self.batches_seen * 4099 + self.global_rank)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        loss = self.denoising_loss(batch, self.step_generator())
+        self.batches_seen += 1
+        self.log("data/skipped", float(batch["skipped"]), on_step=True)
+        if self._rejected(self.guard.problem(loss.item()), opt):
+            return
+        self.manual_backward(loss / self.accumulate)
+        if self.batches_seen % self.accumulate:
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf)
+        if self._rejected(self.guard.problem(grad_norm.item(), "gradient norm"), opt):
+            return
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        phase = self.curriculum.phases[batch["phase"]]
+        self.log_dict(
+            {
+                "train/loss": loss.detach(),
+                "train/loss_ema": self.guard.update(loss.item()),
+                "train/grad_norm": grad_norm,
+                "train/lr": sched.get_last_lr()[0],
+                "train/phase": float(batch["phase"]),
+                "train/resolution": float(phase.resolution),
+                "train/frames": float(phase.frames),
+            },
+            on_step=True,
+            prog_bar=False,
+        )
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+
+    def _rejected(self, problem: str | None, opt) -> bool:
+        if problem is None:
+            return False
+        message = f"step {self.global_step}: {problem}"
+        if self.guard.action == "stop":
+            raise DivergenceError(f"{message}; stopping, the last checkpoint written before it is intact")
+        opt.zero_grad(set_to_none=True)
+        self.print(f"guard: {message}; update skipped")
+        self.log("guard/skipped_steps", 1.0, on_step=True, reduce_fx="sum")
+        return True
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"], eps=cfg["eps"])
+        sched = get_scheduler(
+            self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"], num_training_steps=self.max_steps
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- state beyond weights and optimizer ---------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lifecycle"] = {"batches_seen": self.batches_seen, "guard": self.guard.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["lifecycle"]
+        self.batches_seen = state["batches_seen"]
+        self.guard.load_state_dict(state["guard"])

@@ -1,0 +1,41 @@
+"""Loss guard: catch NaN/Inf and spikes far above the loss EMA before they reach the weights."""
+
+import math
+
+
+class DivergenceError(RuntimeError):
+    """Raised when the guard is set to stop; the last good checkpoint is left untouched."""
+
+
+class LossGuard:
+    """Tracks an EMA of accepted losses and flags non-finite values and spikes.
+
+    A spike is a loss above `spike_factor` x the EMA, checked once `warmup` losses have been seen.
+    """
+
+    def __init__(self, action: str = "skip", spike_factor: float = 10.0, ema_beta: float = 0.98, warmup: int = 20):
+        if action not in ("skip", "stop"):
+            raise ValueError(f"stage.guard.action: expected 'skip' or 'stop', got {action!r}")
+        self.action, self.spike_factor, self.ema_beta, self.warmup = action, spike_factor, ema_beta, warmup
+        self.ema: float | None = None
+        self.seen = 0
+
+    def problem(self, value: float, name: str = "loss") -> str | None:
+        """Why `value` must not be applied, or None if it is fine."""
+        if not math.isfinite(value):
+            return f"{name} is {value}"
+        if name == "loss" and self.ema is not None and self.seen >= self.warmup and value > self.spike_factor * self.ema:
+            return f"loss {value:.4g} is above {self.spike_factor:g} x its EMA {self.ema:.4g}"
+        return None
+
+    def update(self, loss: float) -> float:
+        """Fold an accepted loss into the EMA and return it."""
+        self.ema = loss if self.ema is None else self.ema_beta * self.ema + (1 - self.ema_beta) * loss
+        self.seen += 1
+        return self.ema
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.seen = state["ema"], state["seen"]

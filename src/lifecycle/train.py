@@ -1,0 +1,90 @@
+"""Run a training stage: build bundle, data and module from config, fit, export, sample."""
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from .callbacks.ema import EMA
+from .callbacks.samples import SampleVideos
+from .config import ConfigError
+from .data.curriculum import Curriculum
+from .data.datamodule import ShardDataModule
+from .models import build_bundle
+from .stages.denoise import DenoiseStage
+
+log = logging.getLogger(__name__)
+TRAINER_EXTRA_KEYS = ("resume", "checkpoint_every_n_steps")
+
+
+def check_frames(bundle, curriculum: Curriculum) -> None:
+    need = bundle.fixed_frames
+    for i, phase in enumerate(curriculum.phases):
+        if need is not None and phase.frames != need:
+            raise ConfigError(
+                f"stage.curriculum[{i}].frames: {type(bundle.denoiser).__name__} takes exactly {need} frame(s), "
+                f"got {phase.frames} (vary resolution and batch size instead)"
+            )
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: int) -> L.Trainer:
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    tcfg["max_steps"] = max_steps
+    every = tcfg["checkpoint_every_n_steps"]
+    for key in TRAINER_EXTRA_KEYS:
+        tcfg.pop(key)
+    if isinstance(tcfg["strategy"], dict):
+        tcfg["strategy"] = instantiate(tcfg["strategy"])
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
+        every_n_train_steps=every, save_top_k=1, save_last=True,
+    )
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks], logger=loggers or False, **tcfg)
+
+
+def fit(cfg: DictConfig) -> dict:
+    """`stage=pretrain`: train the denoiser over the curriculum, export the EMA bundle, sample videos."""
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    s = cfg.stage
+    curriculum = Curriculum(OmegaConf.to_container(s.curriculum, resolve=True))
+    bundle = build_bundle(cfg.model)
+    check_frames(bundle, curriculum)
+    max_steps = cfg.trainer.max_steps or curriculum.total_steps
+    module = DenoiseStage(
+        bundle, curriculum,
+        objective=OmegaConf.to_container(s.objective), optimizer=OmegaConf.to_container(s.optimizer),
+        lr_scheduler=OmegaConf.to_container(s.lr_scheduler), guard=OmegaConf.to_container(s.guard),
+        gradient_clip=s.gradient_clip, accumulate=s.accumulate, train_text_encoder=s.train_text_encoder,
+        max_steps=max_steps, seed=cfg.seed,
+    )
+    data = ShardDataModule(
+        cfg.data.shards, curriculum, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer, accumulate=s.accumulate, generate=cfg.data.generate,
+    )
+    last = curriculum.phases[-1]
+    samples = SampleVideos(
+        run_dir / "samples", prompts=instantiate(s.samples.prompts), frames=last.frames, resolution=last.resolution,
+        **{k: v for k, v in OmegaConf.to_container(s.samples).items() if k != "prompts"},
+    )
+    ema = EMA(decay=s.ema.decay, every=s.ema.every) if s.ema.decay else None
+    trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples) if c is not None], max_steps)
+    start = time.time()
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.trainer.resume)
+    result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
+    if trainer.is_global_zero:
+        lineage = {
+            "stage": s.name, "parent": cfg.model.pretrained, "data": cfg.data.shards, "step": trainer.global_step,
+            "run_dir": str(run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        with ema.swapped(module) if ema else nullcontext():
+            bundle.save_pretrained(run_dir / "export", lineage=lineage)
+        log.info("exported %s; %s", run_dir / "export", result)
+    return result
+

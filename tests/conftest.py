@@ -1,0 +1,20 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """A small synthetic-world dataset shared by the tests: 4 shards of 40 clips, 8 x 32 x 32."""
+    from lifecycle.data.synthetic import write_shards
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    write_shards(out, num_clips=160, clips_per_shard=40, frames=8, size=32, seed=0, progress=False)
+    return str(out)

@@ -1,0 +1,23 @@
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A model small enough for a few-second CPU run, same code path as the embedded default.
+TINY = [
+    "model.denoiser.unet_config.block_out_channels=[16,32]",
+    "model.denoiser.unet_config.norm_num_groups=8",
+    "model.denoiser.unet_config.attention_head_dim=4",
+    "model.text_encoder.config.num_hidden_layers=1",
+]
+
+
+def compose_cfg(run_dir, *overrides, shards=None):
+    """The composed, validated config the CLI would run, with `run_dir` in place of Hydra's output dir."""
+    from hydra import compose, initialize_config_dir
+
+    from lifecycle.config import validate
+
+    extra = [f"data.shards={shards}", "data.generate=null"] if shards else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"run_dir={run_dir}", *TINY, *extra, *overrides])
+    return validate(cfg)

@@ -1,0 +1,140 @@
+"""The pre-training stage end to end on CPU: curriculum, logging, guard, EMA, checkpoints, exact resume."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from lifecycle.models import ModelBundle
+from lifecycle.stages.denoise import DenoiseStage
+from lifecycle.stages.guard import DivergenceError
+from lifecycle.train import fit
+
+from .helpers import compose_cfg
+
+SHORT = [
+    "stage.curriculum=[{name:low,resolution:16,frames:8,batch_size:4,steps:4},"
+    "{name:full,resolution:32,frames:8,batch_size:2,steps:4}]",
+    "stage.samples.num_steps=2",
+    "stage.samples.prompts.n=2",
+    "stage.lr_scheduler.warmup_steps=2",
+    "trainer.checkpoint_every_n_steps=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "data.num_workers=0",
+    "stage.ema.decay=0.9",
+]
+
+
+def rows(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_pretrain_writes_everything_a_person_looks_at(tmp_path, synthetic_shards):
+    result = fit(compose_cfg(tmp_path, *SHORT, shards=synthetic_shards))
+    assert result["steps"] == 8
+    for rel in ["checkpoints/last.ckpt", "export/model_index.json", "export/lineage.json", "metrics.csv",
+                "samples/final/000.mp4", "samples/final/001.gif", "samples/final/filmstrip.png",
+                "samples/final/fidelity.json"]:
+        assert (tmp_path / rel).exists(), rel
+    logged = [r for r in rows(tmp_path) if r.get("train/loss")]
+    assert len(logged) == 8
+    assert [float(r["train/resolution"]) for r in logged] == [16.0] * 4 + [32.0] * 4  # curriculum switched
+    assert [float(r["train/phase"]) for r in logged] == [0.0] * 4 + [1.0] * 4
+    for key in ["train/loss_ema", "train/grad_norm", "train/lr"]:
+        assert all(r[key] for r in logged), key
+    lrs = [float(r["train/lr"]) for r in logged]
+    assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up, then cosine decay
+    assert 0.0 <= result["colour_accuracy"] <= 1.0 and result["chance_colour"] == pytest.approx(1 / 6)
+    # the export holds the EMA weights, not the last raw weights
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    raw = ckpt["state_dict"]["bundle.denoiser.unet.conv_in.weight"]
+    exported = ModelBundle.from_pretrained(str(tmp_path / "export")).denoiser.unet.conv_in.weight
+    ema = [c for k, c in ckpt["callbacks"].items() if k.startswith("EMA")][0]["shadow"]
+    assert torch.equal(exported, ema["bundle.denoiser.unet.conv_in.weight"])
+    assert not torch.equal(exported, raw)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, synthetic_shards, monkeypatch):
+    straight = tmp_path / "straight"
+    fit(compose_cfg(straight, *SHORT, shards=synthetic_shards))
+
+    resumed = tmp_path / "resumed"
+    original = DenoiseStage.training_step
+
+    def preempted(self, batch, batch_idx):
+        if self.global_step == 5:  # checkpoints exist for steps 2 and 4
+            raise KeyboardInterrupt("preempted")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DenoiseStage, "training_step", preempted)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        fit(compose_cfg(resumed, *SHORT, shards=synthetic_shards))
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    monkeypatch.setattr(DenoiseStage, "training_step", original)
+    result = fit(compose_cfg(resumed, *SHORT, "trainer.resume=last", shards=synthetic_shards))
+    assert result["steps"] == 8
+
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 8
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    ema_a, ema_b = ([c for k, c in ck["callbacks"].items() if k.startswith("EMA")][0] for ck in (a, b))
+    for name, tensor in ema_a["shadow"].items():
+        assert torch.equal(tensor, ema_b["shadow"][name]), name
+    assert a["lifecycle"] == b["lifecycle"]  # data position and loss EMA
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+
+
+def _poison(monkeypatch, at_batch):
+    original = DenoiseStage.denoising_loss
+
+    def loss(self, batch, g):
+        value = original(self, batch, g)
+        return value * float("nan") if self.batches_seen == at_batch else value
+
+    monkeypatch.setattr(DenoiseStage, "denoising_loss", loss)
+
+
+def test_guard_skip_drops_the_bad_step_and_finishes(tmp_path, synthetic_shards, monkeypatch):
+    _poison(monkeypatch, at_batch=3)
+    result = fit(compose_cfg(tmp_path, *SHORT, "stage.guard.action=skip", shards=synthetic_shards))
+    assert result["steps"] == 8  # eight applied updates from nine batches
+    skipped = [r for r in rows(tmp_path) if r.get("guard/skipped_steps")]
+    assert len(skipped) == 1
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["lifecycle"]["batches_seen"] == 9
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+
+
+def test_guard_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_shards, monkeypatch):
+    _poison(monkeypatch, at_batch=5)
+    with pytest.raises(DivergenceError, match="step 5: loss is nan"):
+        fit(compose_cfg(tmp_path, *SHORT, "stage.guard.action=stop", shards=synthetic_shards))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+    assert not (tmp_path / "export").exists()
+
+
+def test_tensorboard_gets_scalars_and_animated_samples(tmp_path, synthetic_shards):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(compose_cfg(tmp_path, *SHORT, "logger=tensorboard", "trainer.max_steps=2", shards=synthetic_shards))
+    assert (tmp_path / "metrics.csv").exists()  # CSV is kept beside it
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    image = events.Images("samples/00")[-1]
+    assert image.encoded_image_string[:4] == b"GIF8" and image.width == 32
+
+
+def test_wandb_offline_gets_metrics_and_sample_videos(tmp_path, synthetic_shards):
+    fit(compose_cfg(tmp_path, *SHORT, "logger=wandb", "trainer.max_steps=2", shards=synthetic_shards))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].rglob("*.mp4")), "sample videos were not logged"
+    assert list(runs[0].glob("run-*.wandb"))
