@@ -2,6 +2,7 @@
 
 import logging
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .models import build_bundle
 from .stages.denoise import DenoiseStage
 
 log = logging.getLogger(__name__)
+# Checkpoints are taken after the optimizer step on purpose; Lightning warns about that under manual optimization.
+warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 TRAINER_EXTRA_KEYS = ("resume", "checkpoint_every_n_steps")
 
 
@@ -77,6 +80,7 @@ def fit(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples) if c is not None], max_steps)
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=cfg.trainer.resume)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
     if trainer.is_global_zero:
         lineage = {

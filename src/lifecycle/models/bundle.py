@@ -20,6 +20,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet3DConditionModel,
 )
+from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -28,6 +29,7 @@ from .folded_unet import FramesAsChannelsUNet
 from .text import encode_prompts
 
 DENOISER_FOLDERS = ("unet", "transformer")
+COMPONENTS = (*DENOISER_FOLDERS, "vae", "text_encoder", "scheduler", "tokenizer")
 LINEAGE_FILE = "lineage.json"
 
 
@@ -200,20 +202,28 @@ class ModelBundle(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype | None = None, **kwargs) -> "ModelBundle":
-        """Load from a local folder or a hub id laid out as a diffusers pipeline."""
-        index = DiffusionPipeline.load_config(path_or_id, **kwargs)
+        """Load from a local folder or a hub id laid out as a diffusers pipeline.
+
+        A hub id is first resolved to a local snapshot of just the needed components (the
+        cache when offline), as DiffusionPipeline.from_pretrained does; `kwargs` go to
+        `snapshot_download` (revision, token, cache_dir, ...).
+        """
+        if not os.path.isdir(path_or_id):
+            wanted = ["model_index.json", *(f"{n}/*" for n in COMPONENTS)]
+            path_or_id = snapshot_download(path_or_id, allow_patterns=wanted, **kwargs)
+        index = DiffusionPipeline.load_config(path_or_id)
         found = {}
-        for name in (*DENOISER_FOLDERS, "vae", "text_encoder", "scheduler", "tokenizer"):
+        for name in COMPONENTS:
             spec = index.get(name)
             if not spec or spec[0] is None:
                 continue
             library, class_name = spec
             if name == "tokenizer":
-                found[name] = AutoTokenizer.from_pretrained(path_or_id, subfolder=name, **kwargs)
+                found[name] = AutoTokenizer.from_pretrained(path_or_id, subfolder=name)
                 continue
             klass = getattr(importlib.import_module(library), class_name)
             extra = {} if name == "scheduler" or torch_dtype is None else {"torch_dtype": torch_dtype}
-            found[name] = klass.from_pretrained(path_or_id, subfolder=name, **extra, **kwargs)
+            found[name] = klass.from_pretrained(path_or_id, subfolder=name, **extra)
         denoiser = next((found[n] for n in DENOISER_FOLDERS if n in found), None)
         missing = [n for n in ("text_encoder", "tokenizer", "scheduler") if n not in found]
         if denoiser is None or missing:

@@ -16,15 +16,20 @@ class FramesAsChannelsUNet(ModelMixin, ConfigMixin):
     """(B, C, F, H, W) video -> UNet2D on (B, C·F·p·p, H/p, W/p) -> back to (B, C, F, H, W).
 
     The frame count is part of the architecture: every clip it sees has `num_frames` frames.
+    With `coord_channels`, two channels holding each location's (x, y) in [-1, 1] join the
+    input: convolutions alone are translation-equivariant and cannot tell where "left" is when
+    drawing an object from pure noise.
     """
 
     _supports_gradient_checkpointing = True
 
     @register_to_config
-    def __init__(self, in_channels: int = 3, num_frames: int = 8, patch_size: int = 4, unet_config: dict | None = None):
+    def __init__(self, in_channels: int = 3, num_frames: int = 8, patch_size: int = 4, coord_channels: bool = True,
+                 unet_config: dict | None = None):
         super().__init__()
         folded = in_channels * num_frames * patch_size * patch_size
-        self.unet = UNet2DConditionModel(in_channels=folded, out_channels=folded, **(unet_config or {}))
+        extra = 2 if coord_channels else 0
+        self.unet = UNet2DConditionModel(in_channels=folded + extra, out_channels=folded, **(unet_config or {}))
 
     def fold(self, x: torch.Tensor) -> torch.Tensor:
         b, c, f, h, w = x.shape
@@ -44,6 +49,18 @@ class FramesAsChannelsUNet(ModelMixin, ConfigMixin):
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, return_dict: bool = True):
         c, f = sample.shape[1], sample.shape[2]
-        out = self.unet(self.fold(sample), timestep, encoder_hidden_states, class_labels=class_labels).sample
+        x = self.fold(sample)
+        if self.config.coord_channels:
+            x = torch.cat([x, coordinates(x)], dim=1)
+        out = self.unet(x, timestep, encoder_hidden_states, class_labels=class_labels).sample
         out = self.unfold(out, c, f)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def coordinates(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) channels holding each location's x and y in [-1, 1], like x's batch, size and dtype."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
+    return grid.unsqueeze(0).expand(b, -1, -1, -1)
