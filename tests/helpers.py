@@ -5,7 +5,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # A model small enough for a few-second CPU run, same code path as the embedded default.
 TINY = [
     "model.denoiser.unet_config.block_out_channels=[16,32]",
-    "model.denoiser.unet_config.norm_num_groups=8",
+    "+model.denoiser.unet_config.norm_num_groups=8",
     "model.denoiser.unet_config.attention_head_dim=4",
     "model.text_encoder.config.num_hidden_layers=1",
 ]

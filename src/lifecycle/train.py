@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +17,7 @@ from .callbacks.samples import SampleVideos
 from .config import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
+from .loggers import drop_rows_from
 from .models import build_bundle
 from .stages.denoise import DenoiseStage
 
@@ -78,8 +80,13 @@ def fit(cfg: DictConfig) -> dict:
     )
     ema = EMA(decay=s.ema.decay, every=s.ema.every) if s.ema.decay else None
     trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples) if c is not None], max_steps)
+    ckpt_path = cfg.trainer.resume
+    if ckpt_path:
+        resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+        if resolved.exists():  # rows logged past the checkpoint are logged again by the resumed run
+            drop_rows_from(run_dir / "metrics.csv", torch.load(resolved, map_location="cpu", mmap=True, weights_only=False)["global_step"])
     start = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.trainer.resume)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
     if trainer.is_global_zero:

@@ -80,7 +80,6 @@ class DenoiseStage(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         loss = self.denoising_loss(batch, self.step_generator())
         self.batches_seen += 1
-        self.log("data/skipped", float(batch["skipped"]), on_step=True)
         if self._rejected(self.guard.problem(loss.item()), opt):
             return
         self.manual_backward(loss / self.accumulate)
@@ -103,6 +102,8 @@ class DenoiseStage(L.LightningModule):
                 "train/phase": float(batch["phase"]),
                 "train/resolution": float(phase.resolution),
                 "train/frames": float(phase.frames),
+                "guard/skipped_updates": float(self.guard.rejected),
+                "data/skipped_samples": float(batch["skipped"]),
             },
             on_step=True,
             prog_bar=False,
@@ -116,8 +117,8 @@ class DenoiseStage(L.LightningModule):
         if self.guard.action == "stop":
             raise DivergenceError(f"{message}; stopping, the last checkpoint written before it is intact")
         opt.zero_grad(set_to_none=True)
-        self.print(f"guard: {message}; update skipped")
-        self.log("guard/skipped_steps", 1.0, on_step=True, reduce_fx="sum")
+        self.guard.rejected += 1
+        self.print(f"guard: {message}; update skipped ({self.guard.rejected} so far)")
         return True
 
     def configure_optimizers(self):

@@ -19,6 +19,7 @@ class LossGuard:
         self.action, self.spike_factor, self.ema_beta, self.warmup = action, spike_factor, ema_beta, warmup
         self.ema: float | None = None
         self.seen = 0
+        self.rejected = 0
 
     def problem(self, value: float, name: str = "loss") -> str | None:
         """Why `value` must not be applied, or None if it is fine."""
@@ -35,7 +36,7 @@ class LossGuard:
         return self.ema
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "seen": self.seen}
+        return {"ema": self.ema, "seen": self.seen, "rejected": self.rejected}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ema, self.seen = state["ema"], state["seen"]
+        self.ema, self.seen, self.rejected = state["ema"], state["seen"], state["rejected"]

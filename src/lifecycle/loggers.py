@@ -1,0 +1,46 @@
+"""A CSV logger that keeps a run's history across resumes."""
+
+import csv
+import os
+
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class _ResumingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes an existing metrics.csv here; a resumed run appends to it instead.
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSVLogger, except that resuming into a run directory keeps its metrics.csv."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def drop_rows_from(path: str | os.PathLike, step: int) -> None:
+    """Remove rows with `step` or later from a metrics CSV: what a run logged past its last checkpoint.
+
+    Lightning logs the row of optimizer step k (1-based) as step k - 1.
+    """
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], [r for r in reader if not r.get("step") or int(r["step"]) < step]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
