@@ -40,6 +40,7 @@ def test_cfg_job_prints_the_composed_config_with_overrides():
         ("stage.guard.action=ignore", "stage.guard.action"),
         ("stage.objective.loss_space=x0", "stage.objective.loss_space"),
         ("data.shards=/no/such/shards", "data.shards"),
+        ("trainer.resume=/no/such.ckpt", "trainer.resume"),
     ],
 )
 def test_config_errors_stop_before_compute_and_name_the_key(tmp_path, override, message):

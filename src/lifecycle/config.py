@@ -173,6 +173,9 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"model.pretrained: no such folder {pretrained!r}")
     if not pretrained and cfg.model.denoiser is None:
         raise ConfigError("model.denoiser: set it, or model.pretrained")
+    resume = cfg.trainer.resume
+    if resume not in (None, "last") and not os.path.isfile(resume):
+        raise ConfigError(f"trainer.resume: no checkpoint at {resume!r} (use 'last' or a .ckpt path)")
     if not os.path.exists(cfg.data.shards) and cfg.data.generate is None:
         raise ConfigError(f"data.shards: {cfg.data.shards!r} does not exist (and data.generate is not set)")
 

@@ -1,6 +1,7 @@
 """Run a training stage: build bundle, data and module from config, fit, export, sample."""
 
 import logging
+import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -53,6 +54,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: in
     return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks], logger=loggers or False, **tcfg)
 
 
+def export(bundle, path: Path, lineage: dict) -> None:
+    """Write the bundle folder next to `path` and swap it in, so `path` is never half-written."""
+    staging = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    bundle.save_pretrained(staging, lineage=lineage)
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+
+
 def fit(cfg: DictConfig) -> dict:
     """`stage=pretrain`: train the denoiser over the curriculum, export the EMA bundle, sample videos."""
     run_dir = Path(cfg.run_dir)
@@ -81,10 +91,9 @@ def fit(cfg: DictConfig) -> dict:
     ema = EMA(decay=s.ema.decay, every=s.ema.every) if s.ema.decay else None
     trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples) if c is not None], max_steps)
     ckpt_path = cfg.trainer.resume
-    if ckpt_path:
-        resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-        if resolved.exists():  # rows logged past the checkpoint are logged again by the resumed run
-            drop_rows_from(run_dir / "metrics.csv", torch.load(resolved, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path or "")
+    if ckpt_path and resolved.is_file():  # rows logged past the checkpoint are logged again by the resumed run
+        drop_rows_from(run_dir / "metrics.csv", torch.load(resolved, map_location="cpu", mmap=True, weights_only=False)["global_step"])
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export
@@ -95,7 +104,7 @@ def fit(cfg: DictConfig) -> dict:
             "run_dir": str(run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
         }
         with ema.swapped(module) if ema else nullcontext():
-            bundle.save_pretrained(run_dir / "export", lineage=lineage)
+            export(bundle, run_dir / "export", lineage)
         log.info("exported %s; %s", run_dir / "export", result)
     return result
 
