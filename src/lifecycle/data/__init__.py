@@ -1,0 +1,1 @@
+"""Datasets: the synthetic world, video file I/O and shard writing."""

@@ -1,0 +1,49 @@
+"""The training datamodule: webdataset shards read as curriculum batches."""
+
+import os
+
+import lightning as L
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from .curriculum import Curriculum
+from .shards import CurriculumStream, list_shards
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Reads `shards`; if they are missing and `generate` is set (the embedded default), writes them first.
+
+    The stream starts at the training module's `batches_seen`, so a resumed run sees exactly
+    the batches an uninterrupted one would.
+    """
+
+    def __init__(self, shards: str, curriculum: Curriculum, seed: int = 0, num_workers: int = 1,
+                 shuffle_buffer: int = 256, accumulate: int = 1, generate=None):
+        super().__init__()
+        self.shards, self.curriculum, self.seed = shards, curriculum, seed
+        self.num_workers, self.shuffle_buffer, self.accumulate = num_workers, shuffle_buffer, accumulate
+        self.generate = generate
+
+    def prepare_data(self) -> None:
+        if self.generate is not None and not os.path.exists(self.shards):
+            instantiate(self.generate)
+
+    def setup(self, stage: str) -> None:
+        self.urls = list_shards(self.shards)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        stream = CurriculumStream(
+            self.urls, self.curriculum, seed=self.seed, start_batch=trainer.lightning_module.batches_seen,
+            shuffle_buffer=self.shuffle_buffer, accumulate=self.accumulate,
+            rank=trainer.global_rank, world_size=trainer.world_size,
+        )
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+
+
+def write(cfg) -> dict:
+    """`stage=synthetic`: write the configured dataset's shards (a no-op when they exist)."""
+    if cfg.data.get("generate") is None:
+        raise ValueError("data.generate: this data config has no generator to run")
+    shards = instantiate(cfg.data.generate)
+    return {"shards": len(shards)}

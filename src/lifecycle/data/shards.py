@@ -1,0 +1,142 @@
+"""Webdataset shards -> curriculum batches, deterministic and resumable at any batch.
+
+Each DataLoader worker (on each rank) owns a slot and reads a fixed, seeded stream of samples;
+batch b comes from slot b mod slots, so the batch sequence depends only on the seed and the
+shards. Resuming at batch b skips the samples earlier batches used, before any decoding.
+"""
+
+import glob
+import io
+import itertools
+import json
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
+
+from .curriculum import Curriculum
+from .video_io import decode_video
+
+log = logging.getLogger(__name__)
+VIDEO_KEYS = ("npy", "mp4", "webm", "gif", "avi", "mov")
+
+
+def list_shards(spec: str, key: str = "data.shards") -> list[str]:
+    """A folder of `*.tar`, a glob, or a brace pattern (`shard-{000000..000007}.tar`) -> shard paths."""
+    if os.path.isdir(spec):
+        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    elif any(c in spec for c in "*?["):
+        urls = sorted(glob.glob(spec))
+    else:
+        urls = expand_urls(spec)
+    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    if not urls or missing:
+        raise FileNotFoundError(f"{key}: no shards at {spec!r}" + (f" (missing {missing[:3]})" if missing else ""))
+    return urls
+
+
+def decode_sample(sample: dict) -> tuple[np.ndarray, str, dict]:
+    """A raw webdataset sample -> (uint8 video (F, H, W, 3), caption, metadata)."""
+    key = next((k for k in VIDEO_KEYS if k in sample), None)
+    if key is None:
+        raise ValueError(f"sample {sample.get('__key__')}: no video ({'/'.join(VIDEO_KEYS)})")
+    video = np.load(io.BytesIO(sample[key])) if key == "npy" else decode_video(sample[key])
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    caption = meta.get("caption") or (sample["txt"].decode() if "txt" in sample else None)
+    if not caption:
+        raise ValueError(f"sample {sample.get('__key__')}: no caption")
+    if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
+        raise ValueError(f"sample {sample.get('__key__')}: bad video shape {video.shape}")
+    return video, caption, meta
+
+
+def resize_clip(video: np.ndarray, frames: int, size: int) -> torch.Tensor:
+    """uint8 (F, H, W, 3) -> float (frames, 3, size, size) in [0, 1]: evenly spaced frames, area/bilinear resize."""
+    idx = np.linspace(0, video.shape[0] - 1, frames).round().astype(int)
+    x = torch.from_numpy(video[idx]).permute(0, 3, 1, 2).float() / 255
+    if x.shape[-1] != size or x.shape[-2] != size:
+        down = size < min(x.shape[-2:])
+        x = F.interpolate(x, size=(size, size), mode="area" if down else "bilinear", align_corners=None if down else False)
+    return x.clamp(0, 1)
+
+
+class CurriculumStream(IterableDataset):
+    """Yields batches {video (B, F, 3, H, W), caption, phase, skipped} for batch indices start_batch, start_batch+1, ...
+
+    Batch b belongs to optimizer step b // accumulate, whose curriculum phase fixes its
+    resolution, frame count and batch size. Corrupt samples are skipped and counted.
+    """
+
+    def __init__(self, urls, curriculum: Curriculum, seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 256,
+                 accumulate: int = 1, rank: int = 0, world_size: int = 1):
+        self.urls, self.curriculum, self.seed = list(urls), curriculum, seed
+        self.start_batch, self.shuffle_buffer, self.accumulate = start_batch, shuffle_buffer, accumulate
+        self.rank, self.world_size = rank, world_size
+        self.skipped = 0
+
+    def _on_error(self, exc: Exception) -> bool:
+        self.skipped += 1
+        log.warning("skipping corrupt sample (%d so far): %s", self.skipped, exc)
+        return True
+
+    def _raw(self, slot: int, slots: int):
+        """This slot's endless, seeded stream of undecoded samples."""
+        for cycle in itertools.count():
+            order = list(self.urls)
+            random.Random(f"{self.seed}/{cycle}").shuffle(order)
+            by_shard = len(order) >= slots  # enough shards: split shards, else split samples
+            urls = order[slot::slots] if by_shard else order
+            stream = tarfile_samples(({"url": u} for u in urls), handler=self._on_error)
+            if not by_shard:
+                stream = itertools.islice(stream, slot, None, slots)
+            yield from _shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{cycle}/{slot}"))
+
+    def _decoded(self, raw):
+        for sample in raw:
+            try:
+                yield decode_sample(sample)
+            except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
+                self._on_error(exc)
+
+    def _batch_size(self, b: int) -> int:
+        return self.curriculum.at(b // self.accumulate).batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slots, slot = workers * self.world_size, self.rank * workers + worker
+        # batches b = slot, slot + slots, ... come from this slot; skip those before start_batch
+        raw = self._raw(slot, slots)
+        used = sum(self._batch_size(b) for b in range(slot, self.start_batch, slots))
+        samples = self._decoded(itertools.islice(raw, used, None))
+        first = self.start_batch + (slot - self.start_batch) % slots
+        for b in itertools.count(first, slots):
+            phase = self.curriculum.index_at(b // self.accumulate)
+            p = self.curriculum.phases[phase]
+            items = list(itertools.islice(samples, p.batch_size))
+            yield {
+                "video": torch.stack([resize_clip(v, p.frames, p.resolution) for v, _, _ in items]),
+                "caption": [c for _, c, _ in items],
+                "phase": phase,
+                "skipped": self.skipped,
+            }
+
+
+def _shuffled(stream, bufsize: int, rng: random.Random):
+    """A seeded shuffle buffer of `bufsize` samples."""
+    buf = []
+    for sample in stream:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
