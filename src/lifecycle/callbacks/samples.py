@@ -1,6 +1,5 @@
 """Sample videos for fixed prompts and seeds, written to disk, scored, and sent to the loggers."""
 
-import io
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -8,9 +7,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 
-from ..data.video_io import save_filmstrip_png, write_video
+from ..data.video_io import encode_video, save_filmstrip_png, write_video
 from ..metrics.oracle import prompt_fidelity
 from .ema import EMA
 
@@ -18,13 +16,6 @@ from .ema import EMA
 def to_uint8(videos: torch.Tensor) -> list[np.ndarray]:
     """(B, F, C, H, W) in [0, 1] -> list of uint8 (F, H, W, C)."""
     return list((videos.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy())
-
-
-def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
-    buf = io.BytesIO()
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    return buf.getvalue()
 
 
 class SampleVideos(L.Callback):
@@ -100,7 +91,7 @@ class SampleVideos(L.Callback):
 
                 values = [
                     Summary.Value(tag=f"samples/{i:02d}", image=Summary.Image(
-                        height=c.shape[1], width=c.shape[2], colorspace=3, encoded_image_string=gif_bytes(c, self.fps)))
+                        height=c.shape[1], width=c.shape[2], colorspace=3, encoded_image_string=encode_video(c, "gif", self.fps)))
                     for i, c in enumerate(clips)
                 ]
                 logger.experiment.file_writer.add_summary(Summary(value=values), step)

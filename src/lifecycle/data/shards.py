@@ -16,6 +16,7 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
@@ -95,7 +96,8 @@ class CurriculumStream(IterableDataset):
             stream = tarfile_samples(({"url": u} for u in urls), handler=self._on_error)
             if not by_shard:
                 stream = itertools.islice(stream, slot, None, slots)
-            yield from _shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}/{cycle}/{slot}"))
+            rng = random.Random(f"{self.seed}/{cycle}/{slot}")
+            yield from wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(iter(stream))
 
     def _decoded(self, raw):
         for sample in raw:
@@ -127,16 +129,3 @@ class CurriculumStream(IterableDataset):
                 "skipped": self.skipped,
             }
 
-
-def _shuffled(stream, bufsize: int, rng: random.Random):
-    """A seeded shuffle buffer of `bufsize` samples."""
-    buf = []
-    for sample in stream:
-        if len(buf) < bufsize:
-            buf.append(sample)
-            continue
-        i = rng.randrange(bufsize)
-        buf[i], sample = sample, buf[i]
-        yield sample
-    rng.shuffle(buf)
-    yield from buf
