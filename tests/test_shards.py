@@ -41,7 +41,7 @@ def test_resume_at_any_batch_gives_the_same_batches(synthetic_shards, workers):
         assert torch.equal(a["video"], b["video"])
 
 
-def test_worker_count_changes_order_but_each_run_is_deterministic(synthetic_shards):
+def test_each_run_is_deterministic_and_reads_many_clips(synthetic_shards):
     urls = list_shards(synthetic_shards)
     a, b = batches(urls, 5, workers=2), batches(urls, 5, workers=2)
     assert [x["caption"] for x in a] == [x["caption"] for x in b]
