@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the embedded default (pre-training on synthetic video, CPU).
 # make test: set up .venv and run the test suite.
+# make vader-report: align the demo's export with VADER over 3 seeds, print reward/fidelity before and after.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,8 +8,9 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 DEMO_DIR ?= outputs/demo
+VADER_ARGS ?= reward=vivid  # Hydra overrides for make vader-report
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test vader-report clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m lifecycle stage=pretrain hydra.run.dir=$(DEMO_DIR) trainer.resume=last
 	@echo "run directory: $(DEMO_DIR) (checkpoints/, export/, metrics.csv, samples/final/)"
+
+vader-report: install
+	@test -f $(DEMO_DIR)/export/model_index.json || $(MAKE) demo
+	$(PY) -m lifecycle.bench.vader_report --pretrained $(DEMO_DIR)/export -- $(VADER_ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -10,6 +10,15 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny-model calls: with several threads, synchronisation costs more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """A small synthetic-world dataset shared by the tests: 4 shards of 40 clips, 8 x 32 x 32."""

@@ -51,6 +51,32 @@ def test_config_errors_stop_before_compute_and_name_the_key(tmp_path, override, 
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.csv").exists()
 
 
+def test_post_training_stages_compose_rewards_and_prompts():
+    out = cli("stage=vader", "reward=[vivid,colour]", "reward.colour.weight=0.5", "stage.sampling.grad_steps=2",
+              "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    cfg = OmegaConf.create(out.stdout)
+    assert set(cfg.reward) == {"vivid", "colour"} and cfg.reward.colour.weight == 0.5
+    assert len(cfg.prompts.train) == len(cfg.prompts.test) == 24
+    assert not set(cfg.prompts.train) & set(cfg.prompts.test)  # the test prompts are held out
+    assert cfg.stage.sampling.grad_steps == 2
+    sft = OmegaConf.create(cli("stage=sft", "--cfg", "job").stdout)
+    assert sft.stage.lora.rank == 16 and sft.stage.optimizer.lr < 1e-3 and sft.stage.select.where.background == ["black"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage.sampling.grad_steps=0", "stage.sampling.grad_steps"),
+    ("stage.memory.frozen_dtype=int8", "stage.memory.frozen_dtype"),
+    ("stage.export=zip", "stage.export"),
+    ("prompts.train=/no/such/prompts.txt", "prompts.train"),
+])
+def test_vader_config_errors_name_the_key(tmp_path, override, message):
+    out = cli("stage=vader", override, f"hydra.run.dir={tmp_path}")
+    assert out.returncode != 0
+    assert message in out.stdout + out.stderr
+    assert not (tmp_path / "samples").exists()
+
+
 def test_unknown_stage_is_named():
     out = cli("stage=nope")
     assert out.returncode != 0 and "stage/nope" in out.stderr

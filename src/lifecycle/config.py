@@ -31,6 +31,7 @@ class TrainerSchema:
     resume: Optional[str] = None  # null | last | a checkpoint path
     deterministic: bool = False
     enable_progress_bar: bool = True
+    profiler: Optional[str] = None  # simple | advanced | pytorch: Lightning's profilers
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ModelSchema:
     text_encoder: Any = None
     tokenizer: Any = None
     token_embedding_std: Optional[float] = None
+    image_encoder: Any = None  # image-to-video (SVD) models, in place of text_encoder/tokenizer
+    conditioning: Any = None  # SVD micro-conditioning: fps, motion_bucket_id, noise_aug_strength
 
 
 @dataclass
@@ -79,6 +82,7 @@ class OptimizerSchema:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     eps: float = 1e-8
+    fused: Optional[bool] = True  # torch's fused AdamW kernel (CPU and CUDA); null: torch's default
 
 
 @dataclass
@@ -114,6 +118,14 @@ class SamplesSchema:
 
 
 @dataclass
+class LoRASchema:
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: Optional[list[str]] = None  # null: the attention projections
+    dropout: float = 0.0
+
+
+@dataclass
 class DenoiseStageSchema:
     name: str = "???"
     run: str = "???"
@@ -127,6 +139,57 @@ class DenoiseStageSchema:
     gradient_clip: Optional[float] = 1.0
     accumulate: int = 1
     train_text_encoder: bool = False
+    lora: Optional[LoRASchema] = None  # null: full fine-tuning
+    export: str = "merge"  # with LoRA: merge | adapter
+    select: Any = None  # train on a curated subset: {min: {score: t}, where: {key: [values]}, keys: file}
+
+
+@dataclass
+class SamplingSchema:
+    num_steps: int = 25
+    guidance_scale: float = 3.0
+    eta: float = 0.0
+    grad_steps: int = 1  # K: gradients flow through the last K denoising steps
+    grad_mode: str = "last"  # last | rand (K drawn from 1..grad_steps every step)
+
+
+@dataclass
+class MemorySchema:
+    gradient_checkpointing: bool = False
+    frozen_dtype: Optional[str] = None  # bf16 | fp16: frozen weights in half precision, trainable in fp32
+    offload_activations: bool = False  # keep saved activations in CPU memory
+
+
+@dataclass
+class EvaluationSchema:
+    num_steps: int = 25
+    guidance_scale: float = 3.0
+    seed: int = 0
+    batch_size: int = 32
+    oracle: bool = False  # synthetic-world prompts: also report pixel-oracle prompt fidelity
+    fps: int = 8
+
+
+@dataclass
+class VaderStageSchema:
+    name: str = "???"
+    run: str = "???"
+    steps: int = 100
+    batch_size: int = 2
+    frames: int = 8
+    resolution: int = 32
+    sampling: SamplingSchema = field(default_factory=SamplingSchema)
+    decode_frames: Optional[int] = None  # score this many random frames (null: all)
+    condition: str = "synthetic"  # image-to-video models: conditioning images, synthetic | a folder of images
+    clips: int = 1  # image-to-video models: autoregressive clips per video (long horizon when > 1)
+    lora: Optional[LoRASchema] = field(default_factory=LoRASchema)  # null: full fine-tuning
+    memory: MemorySchema = field(default_factory=MemorySchema)
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    lr_scheduler: LRSchedulerSchema = field(default_factory=LRSchedulerSchema)
+    gradient_clip: Optional[float] = 1.0
+    accumulate: int = 1
+    export: str = "merge"
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
 
 
 @dataclass
@@ -135,7 +198,8 @@ class ToolStageSchema:
     run: str = "???"
 
 
-STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "synthetic": ToolStageSchema}
+STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
+                 "synthetic": ToolStageSchema}
 SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema}
 
 
@@ -188,6 +252,30 @@ def validate(cfg: DictConfig) -> DictConfig:
             for k in ("resolution", "frames", "batch_size", "steps"):
                 if phase[k] <= 0:
                     raise ConfigError(f"stage.curriculum[{i}].{k}: must be positive, got {phase[k]}")
+    if schema is VaderStageSchema:
+        for name in ("train", "test"):
+            spec = cfg.get("prompts", {}).get(name)
+            if spec is None:
+                raise ConfigError(f"prompts.{name}: missing (a list of prompts or a text file)")
+            if isinstance(spec, str) and not os.path.isfile(spec):
+                raise ConfigError(f"prompts.{name}: no prompt file {spec!r}")
+        st = cfg.stage
+        _choice("stage.sampling.grad_mode", st.sampling.grad_mode, ("last", "rand"))
+        _choice("stage.memory.frozen_dtype", st.memory.frozen_dtype, ("bf16", "fp16"))
+        if not 1 <= st.sampling.grad_steps <= st.sampling.num_steps:
+            raise ConfigError(f"stage.sampling.grad_steps: must be in 1..num_steps ({st.sampling.num_steps}), "
+                              f"got {st.sampling.grad_steps}")
+        for k in ("steps", "batch_size", "frames", "resolution"):
+            if st[k] <= 0:
+                raise ConfigError(f"stage.{k}: must be positive, got {st[k]}")
+        if st.decode_frames is not None and not 1 <= st.decode_frames <= st.frames:
+            raise ConfigError(f"stage.decode_frames: must be in 1..frames ({st.frames}) or null, got {st.decode_frames}")
+        if st.clips < 1:
+            raise ConfigError(f"stage.clips: must be >= 1, got {st.clips}")
+        if st.condition != "synthetic" and not os.path.isdir(os.path.expanduser(st.condition)):
+            raise ConfigError(f"stage.condition: {st.condition!r} is neither 'synthetic' nor a folder of images")
+    if schema in (DenoiseStageSchema, VaderStageSchema):
+        _choice("stage.export", cfg.stage.export, ("merge", "adapter"))
         if cfg.stage.accumulate < 1:
             raise ConfigError(f"stage.accumulate: must be >= 1, got {cfg.stage.accumulate}")
     return cfg

@@ -20,6 +20,7 @@ from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
 from .loggers import drop_rows_from
 from .models import build_bundle
+from .models.lora import add_lora
 from .stages.denoise import DenoiseStage
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,33 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: in
     return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks], logger=loggers or False, **tcfg)
 
 
-def export(bundle, path: Path, lineage: dict) -> None:
-    """Write the bundle folder next to `path` and swap it in, so `path` is never half-written."""
+def make_trainable(bundle, lora: DictConfig | None) -> None:
+    """LoRA on the denoiser (only the adapters train), or the whole denoiser when `lora` is null."""
+    if lora is None:
+        bundle.denoiser.requires_grad_(True)
+        return
+    bundle.denoiser.requires_grad_(False)
+    kwargs = {"target_modules": list(lora.target_modules)} if lora.target_modules else {}
+    add_lora(bundle.denoiser, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, **kwargs)
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """`trainer.resume` for Lightning; metrics rows logged past that checkpoint are dropped (the resumed run logs them again)."""
+    ckpt_path = cfg.trainer.resume
+    resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path or "")
+    if ckpt_path and resolved.is_file():
+        drop_rows_from(run_dir / "metrics.csv", torch.load(resolved, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    return ckpt_path
+
+
+def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
+    """Write the bundle folder next to `path` and swap it in, so `path` is never half-written.
+
+    A LoRA denoiser is exported merged, or as base weights plus an adapter folder (`lora="adapter"`).
+    """
     staging = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    bundle.save_pretrained(staging, lineage=lineage)
+    bundle.save_pretrained(staging, lineage=lineage, lora=lora)
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)
 
@@ -71,6 +94,8 @@ def fit(cfg: DictConfig) -> dict:
     curriculum = Curriculum(OmegaConf.to_container(s.curriculum, resolve=True))
     bundle = build_bundle(cfg.model)
     check_frames(bundle, curriculum)
+    if s.lora is not None:
+        make_trainable(bundle, s.lora)
     max_steps = cfg.trainer.max_steps or curriculum.total_steps
     module = DenoiseStage(
         bundle, curriculum,
@@ -82,6 +107,7 @@ def fit(cfg: DictConfig) -> dict:
     data = ShardDataModule(
         cfg.data.shards, curriculum, seed=cfg.seed, num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer, accumulate=s.accumulate, generate=cfg.data.generate,
+        select=OmegaConf.to_container(s.select) if s.select else None,
     )
     last = curriculum.phases[-1]
     samples = SampleVideos(
@@ -90,12 +116,8 @@ def fit(cfg: DictConfig) -> dict:
     )
     ema = EMA(decay=s.ema.decay, every=s.ema.every) if s.ema.decay else None
     trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples) if c is not None], max_steps)
-    ckpt_path = cfg.trainer.resume
-    resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path or "")
-    if ckpt_path and resolved.is_file():  # rows logged past the checkpoint are logged again by the resumed run
-        drop_rows_from(run_dir / "metrics.csv", torch.load(resolved, map_location="cpu", mmap=True, weights_only=False)["global_step"])
     start = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
     if trainer.is_global_zero:
@@ -104,7 +126,7 @@ def fit(cfg: DictConfig) -> dict:
             "run_dir": str(run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
         }
         with ema.swapped(module) if ema else nullcontext():
-            export(bundle, run_dir / "export", lineage)
+            export(bundle, run_dir / "export", lineage, lora=s.export)
         log.info("exported %s; %s", run_dir / "export", result)
     return result
 

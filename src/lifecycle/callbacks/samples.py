@@ -18,6 +18,19 @@ def to_uint8(videos: torch.Tensor) -> list[np.ndarray]:
     return list((videos.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy())
 
 
+def write_samples(out: Path, videos: torch.Tensor, prompts: list[str], scores: dict, fps: int = 8,
+                  name: str = "fidelity.json") -> None:
+    """`out/`: an mp4 and a gif per video, filmstrip.png with the prompts, prompts.json and the scores."""
+    out.mkdir(parents=True, exist_ok=True)
+    clips = to_uint8(videos)
+    for i, clip in enumerate(clips):
+        write_video(out / f"{i:03d}.mp4", clip, fps=fps)
+        write_video(out / f"{i:03d}.gif", clip, fps=fps)
+    save_filmstrip_png(out / "filmstrip.png", clips, labels=prompts)
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
+    (out / name).write_text(json.dumps(scores, indent=2))
+
+
 class SampleVideos(L.Callback):
     """At the end of training (and every `every_n_steps` if > 0) sample `prompts` with EMA weights.
 
@@ -57,21 +70,11 @@ class SampleVideos(L.Callback):
         if self.oracle:
             result.update(prompt_fidelity(videos, self.prompts))
         if trainer.is_global_zero:
-            self._write(tag, videos, result)
+            write_samples(self.out_dir / tag, videos, self.prompts, result, self.fps)
             self._log(trainer, tag, videos, result)
         self.results[tag] = result
         return result
 
-    def _write(self, tag: str, videos: torch.Tensor, result: dict) -> None:
-        out = self.out_dir / tag
-        out.mkdir(parents=True, exist_ok=True)
-        clips = to_uint8(videos)
-        for i, clip in enumerate(clips):
-            write_video(out / f"{i:03d}.mp4", clip, fps=self.fps)
-            write_video(out / f"{i:03d}.gif", clip, fps=self.fps)
-        save_filmstrip_png(out / "filmstrip.png", clips, labels=self.prompts)
-        (out / "prompts.json").write_text(json.dumps(self.prompts, indent=2))
-        (out / "fidelity.json").write_text(json.dumps(result, indent=2))
 
     def _log(self, trainer, tag: str, videos: torch.Tensor, result: dict) -> None:
         step = trainer.global_step

@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from .curriculum import Curriculum
+from .select import Selection
 from .shards import CurriculumStream, list_shards
 
 
@@ -18,11 +19,12 @@ class ShardDataModule(L.LightningDataModule):
     """
 
     def __init__(self, shards: str, curriculum: Curriculum, seed: int = 0, num_workers: int = 1,
-                 shuffle_buffer: int = 256, accumulate: int = 1, generate=None):
+                 shuffle_buffer: int = 256, accumulate: int = 1, generate=None, select: dict | None = None):
         super().__init__()
         self.shards, self.curriculum, self.seed = shards, curriculum, seed
         self.num_workers, self.shuffle_buffer, self.accumulate = num_workers, shuffle_buffer, accumulate
         self.generate = generate
+        self.select = Selection(**select) if select else None
 
     def prepare_data(self) -> None:
         if self.generate is not None and not os.path.exists(self.shards):
@@ -36,7 +38,7 @@ class ShardDataModule(L.LightningDataModule):
         stream = CurriculumStream(
             self.urls, self.curriculum, seed=self.seed, start_batch=trainer.lightning_module.batches_seen,
             shuffle_buffer=self.shuffle_buffer, accumulate=self.accumulate,
-            rank=trainer.global_rank, world_size=trainer.world_size,
+            rank=trainer.global_rank, world_size=trainer.world_size, select=self.select,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 

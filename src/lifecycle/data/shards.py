@@ -71,12 +71,13 @@ class CurriculumStream(IterableDataset):
     """Yields batches {video (B, F, 3, H, W), caption, phase, skipped} for batch indices start_batch, start_batch+1, ...
 
     Batch b belongs to optimizer step b // accumulate, whose curriculum phase fixes its
-    resolution, frame count and batch size. Corrupt samples are skipped and counted.
+    resolution, frame count and batch size. Corrupt samples are skipped and counted; `select`
+    (a `Selection`) keeps only a curated subset.
     """
 
     def __init__(self, urls, curriculum: Curriculum, seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 256,
-                 accumulate: int = 1, rank: int = 0, world_size: int = 1):
-        self.urls, self.curriculum, self.seed = list(urls), curriculum, seed
+                 accumulate: int = 1, rank: int = 0, world_size: int = 1, select=None):
+        self.urls, self.curriculum, self.seed, self.select = list(urls), curriculum, seed, select
         self.start_batch, self.shuffle_buffer, self.accumulate = start_batch, shuffle_buffer, accumulate
         self.rank, self.world_size = rank, world_size
         self.skipped = 0
@@ -99,6 +100,16 @@ class CurriculumStream(IterableDataset):
             rng = random.Random(f"{self.seed}/{cycle}/{slot}")
             yield from wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(iter(stream))
 
+    def _selected(self, raw):
+        for sample in raw:
+            try:
+                keep = self.select(sample)
+            except Exception as exc:  # noqa: BLE001 - unreadable metadata: a corrupt sample
+                self._on_error(exc)
+                continue
+            if keep:
+                yield sample
+
     def _decoded(self, raw):
         for sample in raw:
             try:
@@ -115,6 +126,8 @@ class CurriculumStream(IterableDataset):
         slots, slot = workers * self.world_size, self.rank * workers + worker
         # batches b = slot, slot + slots, ... come from this slot; skip those before start_batch
         raw = self._raw(slot, slots)
+        if self.select is not None:
+            raw = self._selected(raw)
         used = sum(self._batch_size(b) for b in range(slot, self.start_batch, slots))
         samples = self._decoded(itertools.islice(raw, used, None))
         first = self.start_batch + (slot - self.start_batch) % slots

@@ -1,4 +1,4 @@
-"""ModelBundle: denoiser + VAE + text encoder/tokenizer + noise schedule, saved as one folder.
+"""ModelBundle: denoiser + VAE + text or image encoder + noise schedule, saved as one folder.
 
 The folder follows the diffusers pipeline layout (`model_index.json` plus one subfolder per
 component), so a hub id such as a ModelScope or Wan repository and a bundle exported by a
@@ -13,12 +13,15 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLTemporalDecoder,
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     UNet2DConditionModel,
     UNet3DConditionModel,
+    UNetSpatioTemporalConditionModel,
 )
 from huggingface_hub import snapshot_download
 from torch import nn
@@ -26,10 +29,13 @@ from transformers import AutoTokenizer
 
 from ..diffusion.sampling import sample
 from .folded_unet import FramesAsChannelsUNet
+from .image_to_video import ImageConditioning, ImageToVideoMixin, denoise_spatio_temporal
+from .lora import ADAPTER_SUFFIX, adapter_folder, load_adapter, save_denoiser
 from .text import encode_prompts
 
 DENOISER_FOLDERS = ("unet", "transformer")
-COMPONENTS = (*DENOISER_FOLDERS, "vae", "text_encoder", "scheduler", "tokenizer")
+COMPONENTS = (*DENOISER_FOLDERS, "vae", "text_encoder", "image_encoder", "scheduler", "tokenizer")
+FRAMEWISE_VAES = (AutoencoderKL, AutoencoderKLTemporalDecoder)  # 2D encoders: frames are encoded one by one
 LINEAGE_FILE = "lineage.json"
 
 
@@ -39,28 +45,37 @@ def _library_of(obj) -> str:
 
 
 def training_scheduler(scheduler):
-    """The training noise schedule for any loaded scheduler: flow matching or DDPM betas."""
+    """The training noise schedule for any loaded scheduler: flow matching, EDM sigmas or DDPM betas."""
     cfg = scheduler.config
+    if isinstance(scheduler, EulerDiscreteScheduler) and cfg.get("timestep_type") == "continuous":
+        # SVD-style: the denoiser is conditioned on 0.25·log σ, which no DDPM timestep expresses.
+        return scheduler
     if type(scheduler).__name__.startswith("FlowMatch") or cfg.get("prediction_type") == "flow_prediction":
         shift = cfg.get("shift", cfg.get("flow_shift", 1.0))
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=shift)
     return scheduler if isinstance(scheduler, DDPMScheduler) else DDPMScheduler.from_config(cfg)
 
 
-class ModelBundle(nn.Module):
+class ModelBundle(ImageToVideoMixin, nn.Module):
     """Everything a stage needs to train or sample one diffusion model.
 
     Videos are float (B, F, C, H, W) in [0, 1]; latents are (B, C, F, h, w) as diffusers'
     video models take them (an image model sees F = 1). `vae=None` means pixel space.
+    Text-to-video bundles have a text encoder and tokenizer; image-to-video (SVD) bundles an
+    `image_encoder` and `conditioning` (micro-conditioning values, see image_to_video) instead.
     """
 
-    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, tokenizer, scheduler, vae: nn.Module | None = None):
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module | None, tokenizer, scheduler,
+                 vae: nn.Module | None = None, image_encoder: nn.Module | None = None,
+                 conditioning: dict | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
         self.vae = vae
         self.tokenizer = tokenizer
         self.scheduler = training_scheduler(scheduler)
+        self.conditioning = ImageConditioning(**(conditioning or {}))
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -86,9 +101,9 @@ class ModelBundle(nn.Module):
         return "transformer" if "Transformer" in type(self.denoiser).__name__ else "unet"
 
     def inference_scheduler(self):
-        """A fresh sampling scheduler: Euler for flow models, DDIM otherwise."""
-        if self.is_flow:
-            return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        """A fresh sampling scheduler: Euler for flow and EDM-sigma (SVD) models, DDIM otherwise."""
+        if self.is_flow or isinstance(self.scheduler, EulerDiscreteScheduler):
+            return type(self.scheduler).from_config(self.scheduler.config)
         return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
 
     # -- encoders -----------------------------------------------------------------------------
@@ -110,7 +125,7 @@ class ModelBundle(nn.Module):
         if self.vae is None:
             return x
         b, c, f, h, w = x.shape
-        if isinstance(self.vae, AutoencoderKL):  # an image VAE encodes frame by frame
+        if isinstance(self.vae, FRAMEWISE_VAES):
             frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
             z = self.vae.encode(frames).latent_dist.sample(generator)
             z = z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
@@ -126,22 +141,28 @@ class ModelBundle(nn.Module):
         else:
             shift, scale = self._latent_norm()
             z = latents / _to(scale, latents) + _to(shift, latents)
-            if isinstance(self.vae, AutoencoderKL):
+            if isinstance(self.vae, FRAMEWISE_VAES):
                 b, c, f, h, w = z.shape
-                frames = self.vae.decode(z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)).sample
+                # SVD's temporal decoder mixes each video's `num_frames` consecutive frames.
+                kwargs = {"num_frames": f} if isinstance(self.vae, AutoencoderKLTemporalDecoder) else {}
+                frames = self.vae.decode(z.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w), **kwargs).sample
                 x = frames.reshape(b, f, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
             else:
                 x = self.vae.decode(z).sample
         return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
     # -- denoiser -----------------------------------------------------------------------------
-    def denoise(self, x_t: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         """One denoiser call on latents (B, C, F, h, w); the output has the same shape.
 
-        Pooled text conditions the timestep embedding where the architecture has a slot for it
-        (UNet2D `class_embed_type="projection"`, UNet3D `time_cond_proj_dim`).
+        `cond` is (hidden, pooled) text embeddings, or an ImageCondition's tensors for an SVD
+        UNet. Pooled text conditions the timestep embedding where the architecture has a slot
+        for it (UNet2D `class_embed_type="projection"`, UNet3D `time_cond_proj_dim`).
         """
         d = self.denoiser
+        if isinstance(d, UNetSpatioTemporalConditionModel):
+            return denoise_spatio_temporal(d, x_t, timestep, *cond)
+        hidden, pooled = cond
         if isinstance(d, UNet2DConditionModel):
             labels = pooled if d.config.class_embed_type == "projection" else None
             return d(x_t[:, :, 0], timestep, hidden, class_labels=labels).sample.unsqueeze(2)
@@ -154,14 +175,15 @@ class ModelBundle(nn.Module):
         return d(hidden_states=x_t, timestep=timestep, encoder_hidden_states=hidden, return_dict=False)[0]
 
     # -- sampling -----------------------------------------------------------------------------
-    def latent_shape(self, frames: int, resolution: int) -> tuple[int, int, int, int]:
-        """(C, F, h, w) of the latents for a clip of `frames` x `resolution`^2 pixels."""
+    def latent_shape(self, frames: int, resolution: int | tuple[int, int]) -> tuple[int, int, int, int]:
+        """(C, F, h, w) of the latents for a clip of `frames` x `resolution` pixels (an int is square)."""
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
         if self.vae is None:
-            return (3, frames, resolution, resolution)
-        if not isinstance(self.vae, AutoencoderKL):
+            return (3, frames, height, width)
+        if not isinstance(self.vae, FRAMEWISE_VAES):
             raise NotImplementedError(f"latent_shape: no rule for {type(self.vae).__name__}")
         down = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (self.vae.config.latent_channels, frames, resolution // down, resolution // down)
+        return (self.vae.config.latent_channels, frames, height // down, width // down)
 
     def generate(self, prompts: list[str], frames: int, resolution: int, num_steps: int = 25,
                  guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32, eta: float = 0.0) -> torch.Tensor:
@@ -182,18 +204,27 @@ class ModelBundle(nn.Module):
         return torch.cat(out)
 
     # -- persistence --------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike, lineage: dict | None = None) -> Path:
-        """Write the bundle as a diffusers-style folder (plus `lineage.json`) that from_pretrained reloads."""
+    def save_pretrained(self, path: str | os.PathLike, lineage: dict | None = None, lora: str = "merge") -> Path:
+        """Write the bundle as a diffusers-style folder (plus `lineage.json`) that from_pretrained reloads.
+
+        A LoRA on the denoiser is merged into its weights (`lora="merge"`) or saved as an adapter
+        folder beside the un-merged base weights (`lora="adapter"`: `unet/` + `unet_lora/`).
+        """
         path = Path(path)
-        parts = {self.denoiser_folder: self.denoiser, "text_encoder": self.text_encoder, "vae": self.vae}
+        parts = {self.denoiser_folder: self.denoiser, "text_encoder": self.text_encoder,
+                 "image_encoder": self.image_encoder, "vae": self.vae}
         index = {"_class_name": "ModelBundle"}
         for name, module in parts.items():
             if module is not None:
-                module.save_pretrained(path / name, safe_serialization=True)
+                if module is self.denoiser:
+                    save_denoiser(module, path / name, lora)
+                else:
+                    module.save_pretrained(path / name, safe_serialization=True)
                 index[name] = [_library_of(module), type(module).__name__]
-        self.tokenizer.save_pretrained(path / "tokenizer")
+        if self.tokenizer is not None:  # image-to-video bundles have none
+            self.tokenizer.save_pretrained(path / "tokenizer")
+            index["tokenizer"] = ["transformers", "AutoTokenizer"]
         self.scheduler.save_pretrained(path / "scheduler")
-        index["tokenizer"] = ["transformers", "AutoTokenizer"]
         index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
         if lineage is not None:
@@ -209,7 +240,8 @@ class ModelBundle(nn.Module):
         `snapshot_download` (revision, token, cache_dir, ...).
         """
         if not os.path.isdir(path_or_id):
-            wanted = ["model_index.json", *(f"{n}/*" for n in COMPONENTS)]
+            adapters = (f"{n}{ADAPTER_SUFFIX}/*" for n in DENOISER_FOLDERS)
+            wanted = ["model_index.json", *(f"{n}/*" for n in COMPONENTS), *adapters]
             path_or_id = snapshot_download(path_or_id, allow_patterns=wanted, **kwargs)
         index = DiffusionPipeline.load_config(path_or_id)
         found = {}
@@ -224,11 +256,15 @@ class ModelBundle(nn.Module):
             klass = getattr(importlib.import_module(library), class_name)
             extra = {} if name == "scheduler" or torch_dtype is None else {"torch_dtype": torch_dtype}
             found[name] = klass.from_pretrained(path_or_id, subfolder=name, **extra)
+            if name in DENOISER_FOLDERS and adapter_folder(Path(path_or_id) / name).is_dir():
+                load_adapter(found[name], adapter_folder(Path(path_or_id) / name))
         denoiser = next((found[n] for n in DENOISER_FOLDERS if n in found), None)
-        missing = [n for n in ("text_encoder", "tokenizer", "scheduler") if n not in found]
+        conditioner = ("image_encoder",) if "image_encoder" in found else ("text_encoder", "tokenizer")
+        missing = [n for n in (*conditioner, "scheduler") if n not in found]
         if denoiser is None or missing:
             raise ValueError(f"{path_or_id}: model_index.json lacks {missing or ['unet or transformer']}")
-        return cls(denoiser, found["text_encoder"], found["tokenizer"], found["scheduler"], found.get("vae"))
+        return cls(denoiser, found.get("text_encoder"), found.get("tokenizer"), found["scheduler"], found.get("vae"),
+                   image_encoder=found.get("image_encoder"))
 
 
 def _to(v, like: torch.Tensor):

@@ -39,9 +39,10 @@ class DenoiseStage(L.LightningModule):
         self.max_steps = max_steps or curriculum.total_steps
         self.guard = LossGuard(**guard)
         self.batches_seen = 0
-        bundle.text_encoder.requires_grad_(train_text_encoder)
+        bundle.denoiser.train()  # from_pretrained leaves every component in eval mode
+        bundle.text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
         if bundle.vae is not None:
-            bundle.vae.requires_grad_(False)
+            bundle.vae.requires_grad_(False).eval()
         self.train_text_encoder = train_text_encoder
 
     # -- objective ----------------------------------------------------------------------------
@@ -86,7 +87,7 @@ class DenoiseStage(L.LightningModule):
         if self.batches_seen % self.accumulate:
             return
         params = [p for p in self.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf, foreach=True)
         if self._rejected(self.guard.problem(grad_norm.item(), "gradient norm"), opt):
             return
         opt.step()
@@ -124,7 +125,8 @@ class DenoiseStage(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"], eps=cfg["eps"])
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"], eps=cfg["eps"],
+                                fused=cfg.get("fused"))
         sched = get_scheduler(
             self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"], num_training_steps=self.max_steps
         )

@@ -1,0 +1,200 @@
+"""VADER: align a video diffusion model by backpropagating reward gradients (VADER, Algorithm 1).
+
+Per step: draw noise, run the bundle's sampler (DDIM, or flow-matching Euler) with classifier-free
+guidance, keeping gradients only through the last K denoising steps; decode a random subset of the
+frames; score them with a differentiable reward; take a gradient step on −reward for the trainable
+(LoRA) weights.
+
+Image-to-video bundles (SVD) sample each prompt from a conditioning image (`condition`). With
+`clips` > 1 the video is long-horizon as in the VADER paper's autoregressive SVD: clip k+1 is
+conditioned on clip k's last frame. The first clips − 1 clips are rolled out without gradients
+and only the final clip goes through the truncated-gradient sampler, so the graph kept for the
+backward pass does not grow with the horizon; the reward scores the concatenated clips·F
+frames, so it sees the clip boundary (and is ascended across it through the final clip).
+"""
+
+import math
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import lightning as L
+import torch
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+
+from ..data.prompts import PromptStream
+from ..diffusion.sampling import sample
+from ..models import ModelBundle
+from ..models.memory import offload_activations
+from ..rewards.base import Reward
+
+GRAD_MODES = ("last", "rand")
+
+
+def truncation_steps(mode: str, k: int, generator: torch.Generator) -> int:
+    """How many final sampling steps carry gradients: K ('last'), or uniform in 1..K per step ('rand')."""
+    if mode == "last":
+        return k
+    if mode == "rand":
+        return int(torch.randint(1, k + 1, (1,), generator=generator))
+    raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {mode!r}")
+
+
+def frame_subset(frames: int, count: int | None, generator: torch.Generator) -> torch.Tensor | None:
+    """Sorted indices of `count` random frames, or None for all of them."""
+    if not count or count >= frames:
+        return None
+    return torch.randperm(frames, generator=generator)[:count].sort().values
+
+
+class VaderStage(L.LightningModule):
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        reward: Reward,
+        prompts: list[str],
+        frames: int,
+        resolution: int,
+        sampling: dict,
+        optimizer: dict,
+        lr_scheduler: dict,
+        batch_size: int = 2,
+        decode_frames: int | None = None,
+        gradient_clip: float | None = 1.0,
+        accumulate: int = 1,
+        offload: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        seed: int = 0,
+        condition: Callable[[list[str]], torch.Tensor] | None = None,
+        clips: int = 1,
+    ):
+        super().__init__()
+        if not reward.differentiable:
+            raise ValueError("VADER needs a reward that is differentiable w.r.t. pixels")
+        if bundle.image_encoder is not None and condition is None:
+            raise ValueError("an image-to-video bundle needs `condition` (prompts -> conditioning images)")
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+        self.bundle, self.reward, self.prompts = bundle, reward, list(prompts)
+        self.frames, self.resolution, self.batch_size = frames, resolution, batch_size
+        self.sampling, self.optim_cfg, self.sched_cfg = dict(sampling), dict(optimizer), dict(lr_scheduler)
+        self.decode_frames, self.gradient_clip, self.accumulate = decode_frames, gradient_clip, accumulate
+        self.offload, self.autocast_dtype, self.seed = offload, autocast_dtype, seed
+        self.condition, self.clips = condition, clips
+        self.batches_seen = 0
+        bundle.denoiser.train()  # from_pretrained leaves every component in eval mode
+        for frozen in (bundle.text_encoder, bundle.image_encoder, bundle.vae, reward):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+
+    # -- Algorithm 1 ----------------------------------------------------------------------------
+    def generate(self, prompts: list[str], generator: torch.Generator, grad_steps: int) -> torch.Tensor:
+        """Latents sampled from fresh noise; only the last `grad_steps` denoising steps keep a graph."""
+        b, s = self.bundle, self.sampling
+        shape = (len(prompts), *b.latent_shape(self.frames, self.resolution))
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        with torch.no_grad():
+            cond, uncond = b.encode_text(prompts), b.encode_text([""] * len(prompts))
+        eta_generator = torch.Generator(self.device).manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        return sample(b.denoise, b.inference_scheduler(), noise, cond, uncond, s["guidance_scale"], s["num_steps"],
+                      s["eta"], eta_generator, grad_steps=grad_steps)
+
+    def decode(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Video (B, F', C, H, W) of a random subset of `decode_frames` frames (all when unset).
+
+        Frame-wise decoders (pixel space, image VAEs) decode only the chosen latent frames, which is
+        the memory saving; temporal VAEs mix frames, so they decode all and the subset is taken after.
+        """
+        index = frame_subset(latents.shape[2], self.decode_frames, generator)
+        if index is None:
+            return self.bundle.decode_latents(latents)
+        vae = self.bundle.vae
+        if vae is None or isinstance(vae, AutoencoderKL):
+            return self.bundle.decode_latents(latents[:, :, index.to(latents.device)])
+        return self.bundle.decode_latents(latents)[:, index.to(latents.device)]
+
+    def rollout(self, prompts: list[str], generator: torch.Generator, grad_steps: int) -> torch.Tensor:
+        """Image-to-video: `clips` autoregressive clips from the prompts' conditioning images, (B, F', C, H, W).
+
+        Clips before the last are sampled without gradients; the last keeps a graph through its
+        last `grad_steps` steps. F' = clips·F frames, or a random `decode_frames` of them when set.
+        """
+        b, s = self.bundle, self.sampling
+        images = self.condition(prompts).to(self.device)
+        shape = (len(prompts), *b.latent_shape(self.frames, self.resolution))
+        clips = []
+        for k in range(self.clips):
+            final = k == self.clips - 1
+            noise = torch.randn(shape, generator=generator).to(self.device)
+            with torch.set_grad_enabled(final and torch.is_grad_enabled()):
+                clips.append(b.sample_clip(images, noise, s["num_steps"], s["guidance_scale"], generator,
+                                           eta=s["eta"], grad_steps=grad_steps))
+            images = clips[-1][:, -1]
+        video = torch.cat(clips, dim=1)
+        index = frame_subset(video.shape[1], self.decode_frames, generator)
+        return video if index is None else video[:, index.to(video.device)]
+
+    def training_step(self, batch: dict, batch_idx: int):
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        prompts = batch["prompts"]
+        g = self.step_generator()
+        k = truncation_steps(self.sampling["grad_mode"], self.sampling["grad_steps"], g)
+        with ExitStack() as stack:
+            if self.offload:
+                stack.enter_context(offload_activations())
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+            if self.bundle.image_encoder is None:
+                video = self.decode(self.generate(prompts, g, k), g)
+            else:
+                video = self.rollout(prompts, g, k)
+            scores = self.reward(video.float(), prompts)
+        loss = -scores.mean()
+        self.manual_backward(loss / self.accumulate)
+        self.batches_seen += 1
+        if self.batches_seen % self.accumulate:
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        self.log_dict({"train/reward": scores.detach().mean(), "train/reward_std": scores.detach().std(correction=0),
+                       "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0], "train/grad_steps": float(k)},
+                      on_step=True)
+        self.log("reward", scores.detach().mean(), prog_bar=True, logger=False)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def step_generator(self) -> torch.Generator:
+        """Noise, frame subset and truncation for this batch depend on (seed, batch, rank) alone: resume is exact."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches_seen * 4099 + self.global_rank)
+
+    def train_dataloader(self) -> DataLoader:
+        stream = PromptStream(self.prompts, self.batch_size, seed=self.seed, start_batch=self.batches_seen,
+                              rank=self.global_rank, world_size=self.trainer.world_size)
+        return DataLoader(stream, batch_size=None)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("VADER: nothing to train (enable LoRA or full fine-tuning)")
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
+                                eps=cfg["eps"], fused=cfg.get("fused"))
+        sched = get_scheduler(self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"],
+                              num_training_steps=self.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen weights (base model, encoders, reward backbones) are rebuilt from their sources on
+        # resume; a checkpoint carries only what training changes.
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lifecycle"] = {"batches_seen": self.batches_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
+        if missing:
+            raise ValueError(f"trainer.resume: the checkpoint lacks trainable weights {missing[:3]} (different LoRA or model?)")
+        self.batches_seen = checkpoint["lifecycle"]["batches_seen"]
