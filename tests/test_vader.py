@@ -10,7 +10,7 @@ from lifecycle.config import ConfigError
 from lifecycle.diffusion.sampling import sample
 from lifecycle.stages.vader import frame_subset, truncation_steps
 
-from .helpers import compose_cfg
+from .helpers import CONF_DIR, compose_cfg
 
 FAST = ["stage=vader", "stage.steps=6", "stage.batch_size=2", "stage.sampling.num_steps=4",
         "stage.evaluation.num_steps=4", "prompts.test=[a large red triangle moving left quickly on a black background,"
@@ -166,3 +166,25 @@ def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthet
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
     assert a["lifecycle"] == b["lifecycle"] == {"batches_seen": 6}
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("tiny_unet3d", ["stage.decode_frames=2", "stage.frames=4", "stage.resolution=16"]),  # DDIM, image VAE
+    ("tiny_wan", ["stage.frames=4", "stage.resolution=16"]),  # flow matching: the Euler sampler
+])
+def test_vader_on_each_denoiser_family_with_checkpointing(tmp_path, synthetic_shards, model, extra):
+    from lifecycle.align import vader
+
+    from hydra import compose, initialize_config_dir
+
+    from lifecycle.config import validate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"run_dir={tmp_path}", f"model={model}", *FAST, "stage.steps=2", "stage.evaluation.batch_size=2",
+            "stage.memory.gradient_checkpointing=true", "stage.evaluation.oracle=false", *extra,
+            f"data.shards={synthetic_shards}", "data.generate=null"])
+    vader(validate(cfg))
+    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)
+    assert (tmp_path / "report" / "table.md").is_file()

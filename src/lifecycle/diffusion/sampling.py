@@ -38,7 +38,8 @@ def sample(
     backpropagation); None keeps the caller's grad mode for every step.
     """
     scheduler.set_timesteps(num_steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts from plain noise
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     use_cfg = uncond is not None and guidance_scale != 1.0
     if use_cfg:
         cond = tuple(torch.cat([c, u]) for c, u in zip(cond, uncond, strict=True))
@@ -48,7 +49,7 @@ def sample(
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(grad and i >= first_grad):
             x_in = torch.cat([x, x]) if use_cfg else x
-            pred = denoise(scheduler.scale_model_input(x_in, t), t.expand(x_in.shape[0]), *cond)
+            pred = denoise(scale(x_in, t), t.expand(x_in.shape[0]), *cond)
             if use_cfg:
                 pred = guided(*pred.chunk(2), guidance_scale)
             x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
