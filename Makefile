@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the embedded default (pre-training on synthetic video, CPU).
-# make test: set up .venv and run the test suite.
+# make test: set up .venv, run the test suite and the smoke recipe (every stage for a few steps).
+# make tiny: the whole lifecycle on the embedded default (recipes/tiny.yaml).
 # make vader-report: align the demo's export with VADER over 3 seeds, print reward/fidelity before and after.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ export WANDB_MODE ?= offline
 DEMO_DIR ?= outputs/demo
 VADER_ARGS ?= reward=vivid  # Hydra overrides for make vader-report
 
-.PHONY: install demo test vader-report clean
+.PHONY: install demo test smoke tiny vader-report clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +32,14 @@ vader-report: install
 
 test: install
 	$(PY) -m pytest -q
+	$(MAKE) smoke
+
+smoke: install
+	rm -rf outputs/smoke
+	$(PY) -m lifecycle recipe=smoke hydra.run.dir=outputs/smoke trainer.enable_progress_bar=false
+
+tiny: install
+	$(PY) -m lifecycle recipe=tiny hydra.run.dir=outputs/tiny
 
 clean:
 	rm -rf outputs multirun .pytest_cache

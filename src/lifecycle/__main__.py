@@ -1,4 +1,4 @@
-"""`python -m lifecycle stage=... [key=value ...]`: one Hydra entry point for every stage."""
+"""`python -m lifecycle stage=... [key=value ...]` or `recipe=<name>`: one Hydra entry point for every stage."""
 
 import logging
 import os
@@ -10,6 +10,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from .config import ConfigError, validate
+from .recipes import run_recipe
 
 CONF_DIR = os.environ.get("LIFECYCLE_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("lifecycle")
@@ -18,12 +19,15 @@ log = logging.getLogger("lifecycle")
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     try:
-        cfg = validate(cfg)
-        result = get_method(cfg.stage.run)(cfg)
+        if cfg.get("recipe"):
+            result = run_recipe(cfg)
+        else:
+            cfg = validate(cfg)
+            result = get_method(cfg.stage.run)(cfg)
     except ConfigError as e:
         log.error("config error: %s", e)
         sys.exit(2)
-    log.info("%s done: %s", cfg.stage.name, result)
+    log.info("%s done: %s", f"recipe {cfg.recipe}" if cfg.get("recipe") else cfg.stage.name, result)
     return result
 
 

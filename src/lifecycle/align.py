@@ -72,8 +72,9 @@ def vader(cfg: DictConfig) -> dict:
                  for name in rows}}
     if trainer.is_global_zero:
         table = write_table({"before": before, "after": after}, run_dir / "report")
-        lineage = {"stage": s.name, "parent": cfg.model.pretrained, "step": trainer.global_step, "run_dir": str(run_dir),
-                   "config": OmegaConf.to_container(cfg, resolve=True)}
+        lineage = {"recipe": cfg.get("recipe"), "stage": s.name, "parent": cfg.model.pretrained,
+                   "data": {name: cfg.prompts[name] for name in ("train", "test")}, "step": trainer.global_step,
+                   "run_dir": str(run_dir), "config": OmegaConf.to_container(cfg, resolve=True)}
         if dtype is not None:  # frozen weights were stored in half precision for training; export in fp32
             bundle.float()
         export(bundle, run_dir / "export", lineage, lora=s.export)

@@ -193,13 +193,145 @@ class VaderStageSchema:
 
 
 @dataclass
+class DPOTimestepsSchema:
+    flow: str = "logit_normal"  # flow models: uniform | logit_normal (DDPM-family models: uniform t)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class DPOStageSchema:
+    name: str = "???"
+    run: str = "???"
+    pairs: str = "???"  # folder of preference-pair shards
+    steps: int = 100
+    batch_size: int = 4  # pairs per step
+    frames: int = 8
+    resolution: int = 32
+    shuffle_buffer: int = 256
+    num_workers: int = 0
+    beta: float = 1000.0
+    timesteps: DPOTimestepsSchema = field(default_factory=DPOTimestepsSchema)
+    lora: Optional[LoRASchema] = field(default_factory=LoRASchema)  # null: full fine-tuning, frozen-copy reference
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    lr_scheduler: LRSchedulerSchema = field(default_factory=LRSchedulerSchema)
+    gradient_clip: Optional[float] = 1.0
+    accumulate: int = 1
+    guard: GuardSchema = field(default_factory=GuardSchema)
+    export: str = "merge"
+    evaluation: Optional[EvaluationSchema] = field(default_factory=EvaluationSchema)  # null: no before/after table
+
+
+@dataclass
+class DDPOSampleSchema:
+    batch_size: int = 4  # videos per sampling batch, per device
+    num_batches: int = 2  # sampling batches per epoch: batch_size·num_batches reward queries per device
+    num_steps: int = 20
+    guidance_scale: float = 3.0
+    eta: float = 1.0  # > 0: stochastic DDIM, the policy whose log-probabilities PPO ratios
+
+
+@dataclass
+class PerPromptStatsSchema:
+    buffer_size: int = 32  # rewards kept per prompt
+    min_count: int = 16  # normalise by the batch until a prompt has this many
+
+
+@dataclass
+class PPOSchema:
+    inner_epochs: int = 1
+    batch_size: int = 4  # samples per minibatch
+    accumulate: int = 1  # minibatches per optimizer step
+    timestep_fraction: float = 1.0  # fraction of each trajectory's steps trained on
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+
+
+@dataclass
+class DDPOStageSchema:
+    name: str = "???"
+    run: str = "???"
+    epochs: int = 50
+    frames: int = 8
+    resolution: int = 32
+    sample: DDPOSampleSchema = field(default_factory=DDPOSampleSchema)
+    per_prompt_stats: Optional[PerPromptStatsSchema] = field(default_factory=PerPromptStatsSchema)  # null: batch
+    ppo: PPOSchema = field(default_factory=PPOSchema)
+    lora: Optional[LoRASchema] = field(default_factory=LoRASchema)  # null: full fine-tuning
+    gradient_checkpointing: bool = False
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    lr_scheduler: LRSchedulerSchema = field(default_factory=LRSchedulerSchema)
+    gradient_clip: Optional[float] = 1.0
+    export: str = "merge"
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+
+
+@dataclass
+class PreferencesStageSchema:
+    name: str = "???"
+    run: str = "???"
+    source: str = "sampled"  # sampled | pickapic
+    path: Optional[str] = None  # pickapic: the JSON-lines file
+    out: str = "???"
+    candidates: int = 4
+    repeats: int = 1
+    strategy: str = "best_worst"  # best_worst | all
+    min_margin: float = 0.05
+    frames: int = 8
+    resolution: int = 32
+    num_steps: int = 25
+    guidance_scale: float = 3.0
+    batch_size: int = 16
+    annotator: Optional[str] = None  # dotted path of a (videos, prompts) -> scores function, in place of `reward`
+    shard_size: int = 256
+
+
+@dataclass
+class ConvScorerSchema:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    text_buckets: int = 4096
+    text_dim: int = 32
+    hidden: int = 64
+
+
+@dataclass
+class ClipScorerSchema:
+    backbone: str = "openai/clip-vit-large-patch14"
+    tokenizer: Optional[str] = None
+    hidden: int = 256
+    lora: Optional[LoRASchema] = None  # null: train the head only
+
+
+@dataclass
+class RewardModelStageSchema:
+    name: str = "???"
+    run: str = "???"
+    pairs: str = "???"
+    architecture: str = "conv"  # conv | clip
+    conv: ConvScorerSchema = field(default_factory=ConvScorerSchema)
+    clip: ClipScorerSchema = field(default_factory=ClipScorerSchema)
+    steps: int = 300
+    batch_size: int = 16
+    frames: Optional[int] = None  # null: the pairs' own
+    resolution: Optional[int] = None
+    val_fraction: float = 0.2
+    eval_batch_size: int = 64
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    lr_scheduler: LRSchedulerSchema = field(default_factory=LRSchedulerSchema)
+    gradient_clip: Optional[float] = 1.0
+
+
+@dataclass
 class ToolStageSchema:
     name: str = "???"
     run: str = "???"
 
 
 STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
-                 "synthetic": ToolStageSchema}
+                 "synthetic": ToolStageSchema, "dpo": DPOStageSchema, "ddpo": DDPOStageSchema,
+                 "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema}
 SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema}
 
 
@@ -278,4 +410,92 @@ def validate(cfg: DictConfig) -> DictConfig:
         _choice("stage.export", cfg.stage.export, ("merge", "adapter"))
         if cfg.stage.accumulate < 1:
             raise ConfigError(f"stage.accumulate: must be >= 1, got {cfg.stage.accumulate}")
+    if schema is DPOStageSchema:
+        st = cfg.stage
+        pairs = os.path.expanduser(st.pairs)
+        if not os.path.isdir(pairs) or not any(f.endswith(".tar") for f in os.listdir(pairs)):
+            raise ConfigError(f"stage.pairs: no pair shards (*.tar) in {st.pairs!r}")
+        if st.evaluation is not None:
+            for name in ("train", "test"):
+                spec = cfg.get("prompts", {}).get(name)
+                if spec is None or (isinstance(spec, str) and not os.path.isfile(spec)):
+                    raise ConfigError(f"prompts.{name}: needed by stage.evaluation: a list of prompts or a text file")
+        for k in ("steps", "batch_size", "frames", "resolution", "beta", "accumulate"):
+            if st[k] <= 0:
+                raise ConfigError(f"stage.{k}: must be positive, got {st[k]}")
+        _choice("stage.timesteps.flow", st.timesteps.flow, FLOW_T_SCHEMES)
+        _choice("stage.guard.action", st.guard.action, ("skip", "stop"))
+        _choice("stage.export", st.export, ("merge", "adapter"))
+    if schema is DDPOStageSchema:
+        _check_ddpo(cfg)
+    if schema is PreferencesStageSchema:
+        _check_preferences(cfg)
+    if schema is RewardModelStageSchema:
+        _check_reward_model(cfg)
     return cfg
+
+
+def _check_ddpo(cfg: DictConfig) -> None:
+    for name in ("train", "test"):
+        spec = cfg.get("prompts", {}).get(name)
+        if spec is None or (isinstance(spec, str) and not os.path.isfile(spec)):
+            raise ConfigError(f"prompts.{name}: missing or no such file (a list of prompts or a text file)")
+    st, smp, ppo = cfg.stage, cfg.stage.sample, cfg.stage.ppo
+    for key, value in (("epochs", st.epochs), ("frames", st.frames), ("resolution", st.resolution),
+                       ("sample.batch_size", smp.batch_size), ("sample.num_batches", smp.num_batches),
+                       ("sample.num_steps", smp.num_steps), ("sample.eta", smp.eta),
+                       ("ppo.inner_epochs", ppo.inner_epochs), ("ppo.batch_size", ppo.batch_size),
+                       ("ppo.accumulate", ppo.accumulate), ("ppo.clip_range", ppo.clip_range),
+                       ("ppo.adv_clip_max", ppo.adv_clip_max)):
+        if value <= 0:
+            raise ConfigError(f"stage.{key}: must be positive, got {value}")
+    if not 0 < ppo.timestep_fraction <= 1:
+        raise ConfigError(f"stage.ppo.timestep_fraction: must be in (0, 1], got {ppo.timestep_fraction}")
+    samples = smp.batch_size * smp.num_batches
+    if samples % ppo.batch_size or (samples // ppo.batch_size) % ppo.accumulate:
+        raise ConfigError(f"stage.ppo.batch_size: {ppo.batch_size} x accumulate {ppo.accumulate} must divide the "
+                          f"{samples} samples of an epoch (sample.batch_size x sample.num_batches)")
+    stats = st.per_prompt_stats
+    if stats is not None and not 1 <= stats.min_count <= stats.buffer_size:
+        raise ConfigError(f"stage.per_prompt_stats.min_count: must be in 1..buffer_size ({stats.buffer_size}), "
+                          f"got {stats.min_count}")
+    _choice("stage.export", st.export, ("merge", "adapter"))
+
+
+def _check_preferences(cfg: DictConfig) -> None:
+    st = cfg.stage
+    _choice("stage.source", st.source, ("sampled", "pickapic"))
+    _choice("stage.strategy", st.strategy, ("best_worst", "all"))
+    for k in ("repeats", "frames", "resolution", "num_steps", "batch_size", "shard_size"):
+        if st[k] <= 0:
+            raise ConfigError(f"stage.{k}: must be positive, got {st[k]}")
+    if st.candidates < 2:
+        raise ConfigError(f"stage.candidates: a pair needs at least 2 candidates, got {st.candidates}")
+    if st.min_margin < 0:
+        raise ConfigError(f"stage.min_margin: must be >= 0, got {st.min_margin}")
+    if st.source == "pickapic":
+        if not st.path or not os.path.isfile(os.path.expanduser(st.path)):
+            raise ConfigError(f"stage.path: no Pick-a-Pic JSON-lines file {st.path!r}")
+        return
+    spec = cfg.get("prompts", {}).get("train")
+    if spec is None or (isinstance(spec, str) and not os.path.isfile(spec)):
+        raise ConfigError("prompts.train: missing or no such file (a list of prompts or a text file)")
+    if st.annotator:
+        from hydra.utils import get_method  # hydra only when an annotator is named
+
+        try:
+            get_method(st.annotator)
+        except Exception as e:  # noqa: BLE001 - any import failure is a bad dotted path
+            raise ConfigError(f"stage.annotator: cannot import {st.annotator!r} ({e})") from None
+
+
+def _check_reward_model(cfg: DictConfig) -> None:
+    st = cfg.stage
+    if not os.path.isfile(os.path.join(os.path.expanduser(st.pairs), "dataset.json")):
+        raise ConfigError(f"stage.pairs: {st.pairs!r} is not a preference-pair folder (no dataset.json)")
+    _choice("stage.architecture", st.architecture, ("conv", "clip"))
+    for k in ("steps", "batch_size", "eval_batch_size", "frames", "resolution"):
+        if st[k] is not None and st[k] <= 0:
+            raise ConfigError(f"stage.{k}: must be positive, got {st[k]}")
+    if not 0 < st.val_fraction < 1:
+        raise ConfigError(f"stage.val_fraction: must be in (0, 1), got {st.val_fraction}")

@@ -20,7 +20,7 @@ from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
 from .loggers import drop_rows_from
 from .models import build_bundle
-from .models.lora import add_lora
+from .models.lora import add_lora, has_lora, merge_lora
 from .stages.denoise import DenoiseStage
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: in
 
 
 def make_trainable(bundle, lora: DictConfig | None) -> None:
-    """LoRA on the denoiser (only the adapters train), or the whole denoiser when `lora` is null."""
+    """LoRA on the denoiser (only the adapters train), or the whole denoiser when `lora` is null.
+
+    A parent exported as base + adapter is merged first, so this stage starts from the parent as
+    trained (a second adapter of the same name would replace the first).
+    """
+    if has_lora(bundle.denoiser):
+        merge_lora(bundle.denoiser)
     if lora is None:
         bundle.denoiser.requires_grad_(True)
         return
@@ -122,7 +128,8 @@ def fit(cfg: DictConfig) -> dict:
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
     if trainer.is_global_zero:
         lineage = {
-            "stage": s.name, "parent": cfg.model.pretrained, "data": cfg.data.shards, "step": trainer.global_step,
+            "recipe": cfg.get("recipe"), "stage": s.name, "parent": cfg.model.pretrained, "data": cfg.data.shards,
+            "step": trainer.global_step,
             "run_dir": str(run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
         }
         with ema.swapped(module) if ema else nullcontext():

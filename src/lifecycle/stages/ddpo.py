@@ -1,0 +1,295 @@
+"""DDPO (Black et al. 2023, DDPO_IS): reinforcement learning on the denoising chain with PPO.
+
+Each epoch:
+  1. sample batch_size·num_batches videos from the training prompts with stochastic DDIM (eta > 0)
+     and classifier-free guidance, recording every step's latents and log-probability;
+  2. score them with the reward (no gradients needed) and turn the rewards into per-prompt
+     normalised advantages;
+  3. `inner_epochs` times: shuffle the samples, pick a random `timestep_fraction` of each
+     trajectory's steps, and per minibatch re-evaluate the log-probabilities of those transitions
+     under the current weights, accumulating the clipped PPO gradient over the timesteps (and
+     `accumulate` minibatches) into one optimizer step.
+
+One Lightning training step is one optimizer step; an epoch is `updates_per_epoch` of them.
+Checkpoints fall on epoch boundaries, so the state to resume is the weights, the optimizer, the
+per-prompt reward histories and the counters; every epoch's randomness is seeded by
+(seed, epoch, rank).
+"""
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from diffusers import DDIMScheduler
+from diffusers.optimization import get_scheduler
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError
+from ..data.prompts import PromptStream, load_prompts
+from ..diffusion.ddpo import (
+    PerPromptStatTracker,
+    ddpo_scheduler,
+    normalise,
+    ppo_loss,
+    sample_with_logprob,
+    transition_log_prob,
+)
+from ..metrics.reward_table import evaluate, write_table
+from ..models import ModelBundle, build_bundle
+from ..models.memory import enable_gradient_checkpointing
+from ..rewards.base import Reward, build_reward
+from ..train import build_trainer, export, make_trainable, resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def updates_per_epoch(samples: int, ppo: dict) -> int:
+    """Optimizer steps in one epoch: inner_epochs · (minibatches per pass) / accumulate."""
+    return ppo["inner_epochs"] * (samples // ppo["batch_size"]) // ppo["accumulate"]
+
+
+class DDPOStage(L.LightningModule):
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        reward: Reward,
+        prompts: list[str],
+        frames: int,
+        resolution: int,
+        sample: dict,
+        ppo: dict,
+        per_prompt_stats: dict | None,
+        optimizer: dict,
+        lr_scheduler: dict,
+        gradient_clip: float | None = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trainable weights only
+        self.bundle, self.reward, self.prompts = bundle, reward, list(prompts)
+        self.frames, self.resolution = frames, resolution
+        self.sample_cfg, self.ppo_cfg = dict(sample), dict(ppo)
+        self.optim_cfg, self.sched_cfg = dict(optimizer), dict(lr_scheduler)
+        self.gradient_clip, self.seed = gradient_clip, seed
+        self.samples_per_epoch = sample["batch_size"] * sample["num_batches"]
+        self.updates_per_epoch = updates_per_epoch(self.samples_per_epoch, ppo)
+        self.tracker = PerPromptStatTracker(**per_prompt_stats) if per_prompt_stats else None
+        self.scheduler = ddpo_scheduler(bundle.inference_scheduler())
+        self.updates = 0  # optimizer steps taken
+        self.reward_queries = 0  # videos scored, all ranks
+        self.rollout: dict | None = None  # the current epoch's samples and PPO plan
+        bundle.denoiser.train()  # from_pretrained leaves every component in eval mode
+        for frozen in (bundle.text_encoder, bundle.vae, reward):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+
+    # -- 1. sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_batch(self, prompts: list[str], generator: torch.Generator) -> dict:
+        """Trajectories, log-probabilities, conditioning and rewards of one sampling batch."""
+        b, s = self.bundle, self.sample_cfg
+        noise = torch.randn((len(prompts), *b.latent_shape(self.frames, self.resolution)), generator=generator)
+        cond, uncond = b.encode_text(prompts), b.encode_text([""] * len(prompts))
+        eta_generator = torch.Generator(self.device).manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        latents, log_probs, timesteps = sample_with_logprob(
+            b.denoise, self.scheduler, noise.to(self.device), cond, uncond, s["guidance_scale"], s["num_steps"],
+            s["eta"], eta_generator)
+        video = b.decode_latents(latents[:, -1])
+        return {"latents": latents, "log_probs": log_probs, "timesteps": timesteps.expand(len(prompts), -1),
+                "cond": cond, "uncond": uncond, "rewards": self.reward(video.float(), prompts).float()}
+
+    def collect(self, prompts: list[str], generator: torch.Generator) -> dict:
+        """Sample the epoch's videos in `num_batches` batches (denoiser in eval mode) and concatenate them."""
+        size = self.sample_cfg["batch_size"]
+        self.bundle.denoiser.eval()
+        batches = [self.sample_batch(prompts[i : i + size], generator) for i in range(0, len(prompts), size)]
+        self.bundle.denoiser.train()
+        return {k: tuple(torch.cat(parts) for parts in zip(*(b[k] for b in batches))) if k in ("cond", "uncond")
+                else torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+    # -- 2. advantages --------------------------------------------------------------------------
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's advantages, every rank's rewards): statistics are over all ranks' samples."""
+        index = torch.tensor([self.prompts.index(p) for p in prompts], device=self.device)
+        all_rewards = self.all_gather(rewards).reshape(-1)
+        all_index = self.all_gather(index).reshape(-1)
+        if self.tracker is None:
+            adv = normalise(all_rewards, all_rewards.mean(), all_rewards.std(correction=0), 1e-6)
+        else:
+            adv = self.tracker.update([self.prompts[i] for i in all_index.tolist()], all_rewards)
+        n = len(prompts)
+        return adv[self.global_rank * n : (self.global_rank + 1) * n], all_rewards
+
+    # -- 3. PPO ---------------------------------------------------------------------------------
+    def plan(self, generator: torch.Generator) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per optimizer step, its minibatches as (sample indices (b,), step indices (b, K)).
+
+        Each inner epoch shuffles the samples and gives every sample its own random K =
+        max(1, int(timestep_fraction · num_steps)) of the trajectory's steps.
+        """
+        p, n, steps = self.ppo_cfg, self.samples_per_epoch, self.sample_cfg["num_steps"]
+        k = max(1, int(p["timestep_fraction"] * steps))
+        minibatches = []
+        for _ in range(p["inner_epochs"]):
+            order = torch.randperm(n, generator=generator)
+            columns = torch.stack([torch.randperm(steps, generator=generator)[:k] for _ in range(n)])
+            minibatches += [(idx, columns[idx]) for idx in order.split(p["batch_size"])]
+        return [minibatches[i : i + p["accumulate"]] for i in range(0, len(minibatches), p["accumulate"])]
+
+    def ppo_update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Accumulate the clipped-surrogate gradient over the minibatches' chosen transitions; one optimizer step."""
+        r, p, s = self.rollout, self.ppo_cfg, self.sample_cfg
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        terms = minibatches[0][1].shape[1] * len(minibatches)
+        stats = []
+        for idx, columns in minibatches:
+            rows = idx.to(self.device)
+            cond = tuple(c[rows] for c in r["cond"])
+            uncond = tuple(c[rows] for c in r["uncond"])
+            for j in range(columns.shape[1]):
+                col = columns[:, j].to(self.device)
+                log_prob = transition_log_prob(
+                    self.bundle.denoise, self.scheduler, r["latents"][rows, col], r["timesteps"][rows, col],
+                    r["latents"][rows, col + 1], cond, uncond, s["guidance_scale"], s["eta"])
+                loss, kl, clipped = ppo_loss(r["advantages"][rows], log_prob, r["log_probs"][rows, col],
+                                             p["clip_range"], p["adv_clip_max"])
+                self.manual_backward(loss / terms)
+                stats.append(torch.stack([loss.detach(), kl, clipped]))
+        params = [q for q in self.parameters() if q.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        loss, kl, clipped = torch.stack(stats).mean(0)
+        return {"train/loss": loss, "train/approx_kl": kl, "train/clip_fraction": clipped, "train/grad_norm": grad_norm,
+                "train/lr": sched.get_last_lr()[0]}
+
+    # -- loop -----------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int):
+        epoch, step = divmod(self.updates, self.updates_per_epoch)
+        if step == 0:  # a new epoch: collect fresh on-policy samples
+            g = self.epoch_generator(epoch)
+            rollout = self.collect(batch["prompts"], g)
+            rollout["advantages"], rollout["all_rewards"] = self.advantages(batch["prompts"], rollout["rewards"])
+            rollout["plan"] = self.plan(g)
+            self.rollout = rollout
+            self.reward_queries += len(rollout["all_rewards"])
+        metrics = self.ppo_update(self.rollout["plan"][step])
+        self.updates += 1
+        rewards = self.rollout["all_rewards"]
+        self.log_dict({**metrics, "train/reward": rewards.mean(), "train/reward_std": rewards.std(correction=0),
+                       "train/reward_queries": float(self.reward_queries), "train/epoch": float(epoch)}, on_step=True)
+        self.log("reward", rewards.mean(), prog_bar=True, logger=False)
+
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """Noise, sampling noise and PPO shuffles of an epoch depend on (seed, epoch, rank) alone: resume is exact."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 4099 + self.global_rank)
+
+    def train_dataloader(self) -> DataLoader:
+        """Each epoch's prompts, once per optimizer step of the epoch (only an epoch's first step samples)."""
+        start = self.updates // self.updates_per_epoch
+        stream = PromptStream(self.prompts, self.samples_per_epoch, seed=self.seed, start_batch=start,
+                              rank=self.global_rank, world_size=self.trainer.world_size)
+        return DataLoader(_Repeat(stream, self.updates_per_epoch), batch_size=None)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("DDPO: nothing to train (enable LoRA or full fine-tuning)")
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
+                                eps=cfg["eps"], fused=cfg.get("fused"))
+        sched = get_scheduler(self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"],
+                              num_training_steps=self.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.updates % self.updates_per_epoch:
+            raise RuntimeError(f"DDPO checkpoints fall on epoch boundaries; got one after update {self.updates}")
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["lifecycle"] = {"updates": self.updates, "reward_queries": self.reward_queries,
+                                   "tracker": self.tracker.state_dict() if self.tracker else None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
+        if missing:
+            raise ValueError(f"trainer.resume: the checkpoint lacks trainable weights {missing[:3]} (different LoRA or model?)")
+        state = checkpoint["lifecycle"]
+        if state["updates"] % self.updates_per_epoch:
+            raise ValueError(f"trainer.resume: the checkpoint is {state['updates']} updates in, not on an epoch boundary "
+                             f"({self.updates_per_epoch} updates per epoch: a different stage.ppo?)")
+        self.updates, self.reward_queries = state["updates"], state["reward_queries"]
+        if self.tracker is not None and state["tracker"] is not None:
+            self.tracker.load_state_dict(state["tracker"])
+
+
+class _Repeat(torch.utils.data.IterableDataset):
+    """Each item of `stream`, `times` times in a row."""
+
+    def __init__(self, stream, times: int):
+        self.stream, self.times = stream, times
+
+    def __iter__(self):
+        for item in self.stream:
+            for _ in range(self.times):
+                yield item
+
+
+def run(cfg: DictConfig) -> dict:
+    """`stage=ddpo`: evaluate `model.pretrained` on prompts.train/test, train with DDPO, evaluate again, export."""
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    s = cfg.stage
+    bundle = build_bundle(cfg.model)
+    if bundle.image_encoder is not None or not isinstance(bundle.inference_scheduler(), DDIMScheduler):
+        kind = "image-to-video" if bundle.image_encoder is not None else "flow-matching or EDM (Euler-sampled)"
+        raise ConfigError(f"model: DDPO trains the stochastic DDIM chain of a text-to-video model; this is a {kind} "
+                          f"model ({type(bundle.denoiser).__name__} with {type(bundle.scheduler).__name__})")
+    reward = build_reward(cfg.reward)
+    prompt_sets = {name: load_prompts(cfg.prompts[name], f"prompts.{name}") for name in ("train", "test")}
+    settings = {**OmegaConf.to_container(s.evaluation), "frames": s.frames, "resolution": s.resolution}
+
+    bundle.eval()
+    before = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "before", settings, write=rank_zero_only.rank == 0)
+
+    make_trainable(bundle, s.lora)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(bundle.denoiser)
+    module = DDPOStage(
+        bundle, reward, prompt_sets["train"], frames=s.frames, resolution=s.resolution,
+        sample=OmegaConf.to_container(s.sample), ppo=OmegaConf.to_container(s.ppo),
+        per_prompt_stats=OmegaConf.to_container(s.per_prompt_stats) if s.per_prompt_stats else None,
+        optimizer=OmegaConf.to_container(s.optimizer), lr_scheduler=OmegaConf.to_container(s.lr_scheduler),
+        gradient_clip=s.gradient_clip, seed=cfg.seed,
+    )
+    per_epoch = module.updates_per_epoch
+    trainer_cfg = copy.deepcopy(cfg)  # checkpoints only on epoch boundaries: round the interval up to whole epochs
+    trainer_cfg.trainer.checkpoint_every_n_steps = math.ceil(cfg.trainer.checkpoint_every_n_steps / per_epoch) * per_epoch
+    trainer = build_trainer(trainer_cfg, run_dir, [], s.epochs * per_epoch)
+    start = time.time()
+    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    fit_seconds = round(time.time() - start, 1)
+
+    bundle.eval()
+    after = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "after", settings, write=trainer.is_global_zero)
+    result = {"steps": trainer.global_step, "epochs": module.updates // per_epoch, "reward_queries": module.reward_queries,
+              "fit_seconds": fit_seconds,
+              **{f"{tag}/{name}/reward": rows[name]["reward"] for tag, rows in (("before", before), ("after", after))
+                 for name in rows}}
+    if trainer.is_global_zero:
+        table = write_table({"before": before, "after": after}, run_dir / "report", method="DDPO")
+        lineage = {"stage": s.name, "parent": cfg.model.pretrained, "step": trainer.global_step,
+                   "reward_queries": module.reward_queries, "run_dir": str(run_dir),
+                   "config": OmegaConf.to_container(cfg, resolve=True)}
+        export(bundle, run_dir / "export", lineage, lora=s.export)
+        log.info("reward before/after DDPO:\n%s", table)
+    return result

@@ -1,0 +1,154 @@
+"""Reward model (`stage=reward_model`): fit a Bradley–Terry reward r_θ to preference pairs.
+
+Per step: score the chosen and the rejected video of a batch of pairs with r_θ and take a
+gradient step on −log σ(r_θ(chosen) − r_θ(rejected)). Held-out pairs (`val_fraction`, a fixed
+function of the pair key) measure pair accuracy, the share with r_θ(chosen) > r_θ(rejected),
+before and after training. The export loads as a reward: `reward=learned reward.learned.path=<run>/export`.
+"""
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import lightning as L
+import torch
+from diffusers.optimization import get_scheduler
+from omegaconf import DictConfig, OmegaConf
+
+from ..config import ConfigError
+from ..data.preferences import PairDataModule, pair_batches, read_manifest
+from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
+from ..rewards.learned import LearnedReward
+from ..train import build_trainer, resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def score_pairs(reward: LearnedReward, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """r(chosen), r(rejected) for a batch of pairs, in one forward pass."""
+    n = len(batch["prompts"])
+    scores = reward(torch.cat([batch["chosen"], batch["rejected"]]), batch["prompts"] * 2)
+    return scores[:n], scores[n:]
+
+
+@torch.no_grad()
+def pair_accuracy(reward: LearnedReward, batches: Iterable[dict], device: torch.device) -> dict:
+    """{accuracy, loss (Bradley–Terry), pairs} of `reward` over `batches` of pairs."""
+    was_training = reward.training
+    reward.eval()
+    correct = total = 0
+    loss = 0.0
+    for batch in batches:
+        chosen, rejected = score_pairs(reward, {**batch, "chosen": batch["chosen"].to(device),
+                                                "rejected": batch["rejected"].to(device)})
+        n = len(batch["prompts"])
+        correct += round(preference_accuracy(chosen, rejected).item() * n)
+        loss += bradley_terry_loss(chosen, rejected).item() * n
+        total += n
+    reward.train(was_training)
+    if not total:
+        raise ValueError("no held-out pairs: raise stage.val_fraction or add pairs")
+    return {"accuracy": correct / total, "loss": loss / total, "pairs": total}
+
+
+class RewardModelStage(L.LightningModule):
+    def __init__(self, reward: LearnedReward, optimizer: dict, lr_scheduler: dict, gradient_clip: float | None = 1.0):
+        super().__init__()
+        self.reward = reward
+        self.optim_cfg, self.sched_cfg, self.gradient_clip = dict(optimizer), dict(lr_scheduler), gradient_clip
+        self.strict_loading = False  # checkpoints hold the trained weights only
+        self.batches_seen = 0
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        chosen, rejected = score_pairs(self.reward, batch)
+        loss = bradley_terry_loss(chosen, rejected)
+        self.batches_seen += 1
+        self.log_dict({"train/loss": loss.detach(), "train/accuracy": preference_accuracy(chosen, rejected),
+                       "train/margin": (chosen - rejected).detach().mean(), "train/skipped": float(batch["skipped"]),
+                       "train/lr": self.lr_schedulers().get_last_lr()[0]}, on_step=True)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.gradient_clip:
+            self.clip_gradients(optimizer, self.gradient_clip, "norm")
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
+                                eps=cfg["eps"], fused=cfg.get("fused"))
+        sched = get_scheduler(self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"],
+                              num_training_steps=self.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A frozen backbone is reloaded from its source on resume; a checkpoint carries only what training changes.
+        trained = {f"reward.{k}" for k in self.reward.trained_state_dict()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint["lifecycle"] = {"batches_seen": self.batches_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batches_seen = checkpoint["lifecycle"]["batches_seen"]
+
+
+def _log(trainer: L.Trainer, metrics: dict, step: int) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fit `stage.architecture` on `stage.pairs`; report held-out accuracy before/after; export the reward."""
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    s = cfg.stage
+    manifest = read_manifest(s.pairs)
+    frames = s.frames or manifest["frames"]
+    resolution = s.resolution or manifest["resolution"]
+    if not isinstance(resolution, int):
+        raise ConfigError(f"stage.resolution: the pairs are {resolution[0]}x{resolution[1]}; set a square resolution")
+    reward = LearnedReward(s.architecture, **OmegaConf.to_container(s[s.architecture], resolve=True))
+    module = RewardModelStage(reward, optimizer=OmegaConf.to_container(s.optimizer),
+                              lr_scheduler=OmegaConf.to_container(s.lr_scheduler), gradient_clip=s.gradient_clip)
+    data = PairDataModule(s.pairs, s.batch_size, frames, resolution, seed=cfg.seed, val_fraction=s.val_fraction,
+                          num_workers=s.num_workers, shuffle_buffer=s.shuffle_buffer)
+    trainer = build_trainer(cfg, run_dir, [], s.steps)
+    device = trainer.strategy.root_device
+
+    def evaluate() -> dict:
+        batches = pair_batches(s.pairs, s.eval_batch_size, frames, resolution, split="val", val_fraction=s.val_fraction)
+        return pair_accuracy(reward, batches, device)
+
+    ckpt_path = resume_checkpoint(cfg, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resuming = ckpt_path not in (None, "last") or (ckpt_path == "last" and last.is_file())
+    before = evaluate()
+    if not resuming:  # a resumed run's metrics.csv already has this row
+        _log(trainer, {"val/accuracy": before["accuracy"], "val/loss": before["loss"]}, step=0)
+    start = time.time()
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    fit_seconds = round(time.time() - start, 1)
+    after = evaluate()
+    _log(trainer, {"val/accuracy": after["accuracy"], "val/loss": after["loss"]}, step=trainer.global_step)
+    result = {"steps": trainer.global_step, "fit_seconds": fit_seconds,
+              "before/accuracy": before["accuracy"], "after/accuracy": after["accuracy"]}
+    if trainer.is_global_zero:
+        report = {"before": before, "after": after, "val_fraction": s.val_fraction, "data": s.pairs}
+        (run_dir / "report").mkdir(parents=True, exist_ok=True)
+        (run_dir / "report" / "accuracy.json").write_text(json.dumps(report, indent=2))
+        lineage = {"stage": s.name, "parent": s.pairs, "step": trainer.global_step, "run_dir": str(run_dir),
+                   "accuracy": after, "config": OmegaConf.to_container(cfg, resolve=True)}
+        export = run_dir / "export"
+        staging = export.with_name(f".{export.name}.tmp")  # swapped in whole, so the export is never half-written
+        shutil.rmtree(staging, ignore_errors=True)
+        reward.save_pretrained(staging, lineage)
+        shutil.rmtree(export, ignore_errors=True)
+        staging.rename(export)
+        log.info("held-out pair accuracy %.3f -> %.3f (%d pairs); exported %s",
+                 before["accuracy"], after["accuracy"], after["pairs"], export)
+    return result
