@@ -25,7 +25,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from diffusers import DDIMScheduler
-from diffusers.optimization import get_scheduler
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -45,6 +44,7 @@ from ..models import ModelBundle, build_bundle
 from ..models.memory import enable_gradient_checkpointing
 from ..rewards.base import Reward, build_reward
 from ..train import build_trainer, export, make_trainable, resume_checkpoint
+from .optim import adamw_with_schedule
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +200,7 @@ class DDPOStage(L.LightningModule):
         return DataLoader(_Repeat(stream, self.updates_per_epoch), batch_size=None)
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("DDPO: nothing to train (enable LoRA or full fine-tuning)")
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
-                                eps=cfg["eps"], fused=cfg.get("fused"))
-        sched = get_scheduler(self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"],
-                              num_training_steps=self.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.trainer.max_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.updates % self.updates_per_epoch:

@@ -4,16 +4,14 @@ Per step: encode video and caption, draw t and noise (with offset), noise the la
 convert the prediction into the loss space, Min-SNR-γ-weighted MSE, guard, clip, step.
 """
 
-import math
-
 import lightning as L
 import torch
-from diffusers.optimization import get_scheduler
 
 from ..data.curriculum import Curriculum
 from ..diffusion import noise as nz
 from ..models import ModelBundle
-from .guard import DivergenceError, LossGuard
+from .guard import LossGuard
+from .optim import adamw_with_schedule, guarded_step
 
 
 class DenoiseStage(L.LightningModule):
@@ -78,28 +76,18 @@ class DenoiseStage(L.LightningModule):
         return g.manual_seed(self.seed * 1_000_003 + self.batches_seen * 4099 + self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int):
-        opt, sched = self.optimizers(), self.lr_schedulers()
         loss = self.denoising_loss(batch, self.step_generator())
         self.batches_seen += 1
-        if self._rejected(self.guard.problem(loss.item()), opt):
+        grad_norm = guarded_step(self, loss, self.guard, self.accumulate, self.gradient_clip)
+        if grad_norm is None:
             return
-        self.manual_backward(loss / self.accumulate)
-        if self.batches_seen % self.accumulate:
-            return
-        params = [p for p in self.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf, foreach=True)
-        if self._rejected(self.guard.problem(grad_norm.item(), "gradient norm"), opt):
-            return
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
         phase = self.curriculum.phases[batch["phase"]]
         self.log_dict(
             {
                 "train/loss": loss.detach(),
                 "train/loss_ema": self.guard.update(loss.item()),
                 "train/grad_norm": grad_norm,
-                "train/lr": sched.get_last_lr()[0],
+                "train/lr": self.lr_schedulers().get_last_lr()[0],
                 "train/phase": float(batch["phase"]),
                 "train/resolution": float(phase.resolution),
                 "train/frames": float(phase.frames),
@@ -111,26 +99,8 @@ class DenoiseStage(L.LightningModule):
         )
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
 
-    def _rejected(self, problem: str | None, opt) -> bool:
-        if problem is None:
-            return False
-        message = f"step {self.global_step}: {problem}"
-        if self.guard.action == "stop":
-            raise DivergenceError(f"{message}; stopping, the last checkpoint written before it is intact")
-        opt.zero_grad(set_to_none=True)
-        self.guard.rejected += 1
-        self.print(f"guard: {message}; update skipped ({self.guard.rejected} so far)")
-        return True
-
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"], eps=cfg["eps"],
-                                fused=cfg.get("fused"))
-        sched = get_scheduler(
-            self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"], num_training_steps=self.max_steps
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.max_steps)
 
     # -- state beyond weights and optimizer ---------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

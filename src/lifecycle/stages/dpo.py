@@ -11,7 +11,6 @@ of denoiser weights in memory (no gradients or optimizer state for it).
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers.optimization import get_scheduler
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -35,7 +33,8 @@ from ..models import ModelBundle, build_bundle
 from ..models.lora import has_lora
 from ..rewards.base import build_reward
 from ..train import build_trainer, export, make_trainable, resume_checkpoint
-from .guard import DivergenceError, LossGuard
+from .guard import LossGuard
+from .optim import adamw_with_schedule, guarded_step
 
 log = logging.getLogger(__name__)
 
@@ -140,22 +139,12 @@ class DPOStage(L.LightningModule):
         return g.manual_seed(self.seed * 1_000_003 + self.batches_seen * 4099 + self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int):
-        opt, sched = self.optimizers(), self.lr_schedulers()
         terms = self.dpo_terms(batch, self.step_generator())
         loss = terms.loss
         self.batches_seen += 1
-        if self._rejected(self.guard.problem(loss.item()), opt):
+        grad_norm = guarded_step(self, loss, self.guard, self.accumulate, self.gradient_clip)
+        if grad_norm is None:
             return
-        self.manual_backward(loss / self.accumulate)
-        if self.batches_seen % self.accumulate:
-            return
-        params = [p for p in self.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf, foreach=True)
-        if self._rejected(self.guard.problem(grad_norm.item(), "gradient norm"), opt):
-            return
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
         self.log_dict(
             {
                 "train/loss": loss.detach(),
@@ -165,7 +154,7 @@ class DPOStage(L.LightningModule):
                 "train/reward_chosen": terms.reward_chosen,
                 "train/reward_rejected": terms.reward_rejected,
                 "train/grad_norm": grad_norm,
-                "train/lr": sched.get_last_lr()[0],
+                "train/lr": self.lr_schedulers().get_last_lr()[0],
                 "guard/skipped_updates": float(self.guard.rejected),
                 "data/skipped_pairs": float(batch["skipped"]),
             },
@@ -173,25 +162,8 @@ class DPOStage(L.LightningModule):
         )
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
 
-    def _rejected(self, problem: str | None, opt) -> bool:
-        if problem is None:
-            return False
-        message = f"step {self.global_step}: {problem}"
-        if self.guard.action == "stop":
-            raise DivergenceError(f"{message}; stopping, the last checkpoint written before it is intact")
-        opt.zero_grad(set_to_none=True)
-        self.guard.rejected += 1
-        self.print(f"guard: {message}; update skipped ({self.guard.rejected} so far)")
-        return True
-
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
-                                eps=cfg["eps"], fused=cfg.get("fused"))
-        sched = get_scheduler(self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"],
-                              num_training_steps=self.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.max_steps)
 
     # -- state beyond the trainable weights and optimizer -------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

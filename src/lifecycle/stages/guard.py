@@ -29,6 +29,21 @@ class LossGuard:
             return f"loss {value:.4g} is above {self.spike_factor:g} x its EMA {self.ema:.4g}"
         return None
 
+    def reject(self, problem: str | None, step: int, optimizer, report) -> bool:
+        """Act on `problem` (from `problem()`): stop with DivergenceError, or drop the step's gradients.
+
+        Returns True when the update must be skipped; `report` prints the reason.
+        """
+        if problem is None:
+            return False
+        message = f"step {step}: {problem}"
+        if self.action == "stop":
+            raise DivergenceError(f"{message}; stopping, the last checkpoint written before it is intact")
+        optimizer.zero_grad(set_to_none=True)
+        self.rejected += 1
+        report(f"guard: {message}; update skipped ({self.rejected} so far)")
+        return True
+
     def update(self, loss: float) -> float:
         """Fold an accepted loss into the EMA and return it."""
         self.ema = loss if self.ema is None else self.ema_beta * self.ema + (1 - self.ema_beta) * loss

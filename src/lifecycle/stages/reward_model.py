@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError
@@ -23,6 +22,7 @@ from ..data.preferences import PairDataModule, pair_batches, read_manifest
 from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
 from ..rewards.learned import LearnedReward
 from ..train import build_trainer, resume_checkpoint
+from .optim import adamw_with_schedule
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,7 @@ class RewardModelStage(L.LightningModule):
             self.clip_gradients(optimizer, self.gradient_clip, "norm")
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
-                                eps=cfg["eps"], fused=cfg.get("fused"))
-        sched = get_scheduler(self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"],
-                              num_training_steps=self.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.trainer.max_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A frozen backbone is reloaded from its source on resume; a checkpoint carries only what training changes.

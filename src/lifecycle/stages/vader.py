@@ -20,7 +20,6 @@ from contextlib import ExitStack
 import lightning as L
 import torch
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 
 from ..data.prompts import PromptStream
@@ -28,6 +27,7 @@ from ..diffusion.sampling import sample
 from ..models import ModelBundle
 from ..models.memory import offload_activations
 from ..rewards.base import Reward
+from .optim import adamw_with_schedule
 
 GRAD_MODES = ("last", "rand")
 
@@ -176,15 +176,7 @@ class VaderStage(L.LightningModule):
         return DataLoader(stream, batch_size=None)
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("VADER: nothing to train (enable LoRA or full fine-tuning)")
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
-                                eps=cfg["eps"], fused=cfg.get("fused"))
-        sched = get_scheduler(self.sched_cfg["name"], opt, num_warmup_steps=self.sched_cfg["warmup_steps"],
-                              num_training_steps=self.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.trainer.max_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Frozen weights (base model, encoders, reward backbones) are rebuilt from their sources on

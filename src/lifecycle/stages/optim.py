@@ -1,0 +1,42 @@
+"""The optimizer every training stage uses (AdamW on the trainable weights, a diffusers LR schedule)
+and the guarded manual-optimization update of the denoising-loss stages."""
+
+import math
+
+import torch
+from diffusers.optimization import get_scheduler
+from torch import nn
+
+
+def adamw_with_schedule(module: nn.Module, optimizer: dict, lr_scheduler: dict, total_steps: int) -> dict:
+    """Lightning's `configure_optimizers` answer: AdamW (`fused` from config) + a per-step schedule."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(module).__name__}: nothing to train (enable LoRA or full fine-tuning)")
+    opt = torch.optim.AdamW(params, lr=optimizer["lr"], betas=tuple(optimizer["betas"]),
+                            weight_decay=optimizer["weight_decay"], eps=optimizer["eps"], fused=optimizer.get("fused"))
+    sched = get_scheduler(lr_scheduler["name"], opt, num_warmup_steps=lr_scheduler["warmup_steps"],
+                          num_training_steps=total_steps)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def guarded_step(module, loss: torch.Tensor, guard, accumulate: int = 1, gradient_clip: float | None = None):
+    """Backward, clip and step, unless the guard rejects the loss or the gradient norm.
+
+    Call after counting the batch in `module.batches_seen`; with accumulation the weights move every
+    `accumulate` batches. Returns the gradient norm when the weights moved, else None.
+    """
+    opt, sched = module.optimizers(), module.lr_schedulers()
+    if guard.reject(guard.problem(loss.item()), module.global_step, opt, module.print):
+        return None
+    module.manual_backward(loss / accumulate)
+    if module.batches_seen % accumulate:
+        return None
+    params = [p for p in module.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip or math.inf, foreach=True)
+    if guard.reject(guard.problem(grad_norm.item(), "gradient norm"), module.global_step, opt, module.print):
+        return None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return grad_norm
