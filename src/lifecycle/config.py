@@ -385,12 +385,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                 if phase[k] <= 0:
                     raise ConfigError(f"stage.curriculum[{i}].{k}: must be positive, got {phase[k]}")
     if schema is VaderStageSchema:
-        for name in ("train", "test"):
-            spec = cfg.get("prompts", {}).get(name)
-            if spec is None:
-                raise ConfigError(f"prompts.{name}: missing (a list of prompts or a text file)")
-            if isinstance(spec, str) and not os.path.isfile(spec):
-                raise ConfigError(f"prompts.{name}: no prompt file {spec!r}")
+        _check_prompts(cfg, "train", "test")
         st = cfg.stage
         _choice("stage.sampling.grad_mode", st.sampling.grad_mode, ("last", "rand"))
         _choice("stage.memory.frozen_dtype", st.memory.frozen_dtype, ("bf16", "fp16"))
@@ -416,10 +411,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         if not os.path.isdir(pairs) or not any(f.endswith(".tar") for f in os.listdir(pairs)):
             raise ConfigError(f"stage.pairs: no pair shards (*.tar) in {st.pairs!r}")
         if st.evaluation is not None:
-            for name in ("train", "test"):
-                spec = cfg.get("prompts", {}).get(name)
-                if spec is None or (isinstance(spec, str) and not os.path.isfile(spec)):
-                    raise ConfigError(f"prompts.{name}: needed by stage.evaluation: a list of prompts or a text file")
+            _check_prompts(cfg, "train", "test")
         for k in ("steps", "batch_size", "frames", "resolution", "beta", "accumulate"):
             if st[k] <= 0:
                 raise ConfigError(f"stage.{k}: must be positive, got {st[k]}")
@@ -435,11 +427,18 @@ def validate(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _check_ddpo(cfg: DictConfig) -> None:
-    for name in ("train", "test"):
+def _check_prompts(cfg: DictConfig, *names: str) -> None:
+    """Each prompt set a stage samples is a list, or an existing text file with one prompt per line."""
+    for name in names:
         spec = cfg.get("prompts", {}).get(name)
-        if spec is None or (isinstance(spec, str) and not os.path.isfile(spec)):
-            raise ConfigError(f"prompts.{name}: missing or no such file (a list of prompts or a text file)")
+        if spec is None:
+            raise ConfigError(f"prompts.{name}: missing (a list of prompts or a text file)")
+        if isinstance(spec, str) and not os.path.isfile(spec):
+            raise ConfigError(f"prompts.{name}: no prompt file {spec!r}")
+
+
+def _check_ddpo(cfg: DictConfig) -> None:
+    _check_prompts(cfg, "train", "test")
     st, smp, ppo = cfg.stage, cfg.stage.sample, cfg.stage.ppo
     for key, value in (("epochs", st.epochs), ("frames", st.frames), ("resolution", st.resolution),
                        ("sample.batch_size", smp.batch_size), ("sample.num_batches", smp.num_batches),
@@ -477,9 +476,7 @@ def _check_preferences(cfg: DictConfig) -> None:
         if not st.path or not os.path.isfile(os.path.expanduser(st.path)):
             raise ConfigError(f"stage.path: no Pick-a-Pic JSON-lines file {st.path!r}")
         return
-    spec = cfg.get("prompts", {}).get("train")
-    if spec is None or (isinstance(spec, str) and not os.path.isfile(spec)):
-        raise ConfigError("prompts.train: missing or no such file (a list of prompts or a text file)")
+    _check_prompts(cfg, "train")
     if st.annotator:
         from hydra.utils import get_method  # hydra only when an annotator is named
 

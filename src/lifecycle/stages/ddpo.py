@@ -44,7 +44,7 @@ from ..models import ModelBundle, build_bundle
 from ..models.memory import enable_gradient_checkpointing
 from ..rewards.base import Reward, build_reward
 from ..train import build_trainer, export, make_trainable, resume_checkpoint
-from .optim import adamw_with_schedule
+from .optim import adamw_with_schedule, check_trainable, keep_trainable
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +205,12 @@ class DDPOStage(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.updates % self.updates_per_epoch:
             raise RuntimeError(f"DDPO checkpoints fall on epoch boundaries; got one after update {self.updates}")
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable(self, checkpoint)
         checkpoint["lifecycle"] = {"updates": self.updates, "reward_queries": self.reward_queries,
                                    "tracker": self.tracker.state_dict() if self.tracker else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
-        if missing:
-            raise ValueError(f"trainer.resume: the checkpoint lacks trainable weights {missing[:3]} (different LoRA or model?)")
+        check_trainable(self, checkpoint)
         state = checkpoint["lifecycle"]
         if state["updates"] % self.updates_per_epoch:
             raise ValueError(f"trainer.resume: the checkpoint is {state['updates']} updates in, not on an epoch boundary "

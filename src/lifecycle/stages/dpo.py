@@ -34,7 +34,7 @@ from ..models.lora import has_lora
 from ..rewards.base import build_reward
 from ..train import build_trainer, export, make_trainable, resume_checkpoint
 from .guard import LossGuard
-from .optim import adamw_with_schedule, guarded_step
+from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +168,11 @@ class DPOStage(L.LightningModule):
     # -- state beyond the trainable weights and optimizer -------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The base model and the reference are rebuilt from model.pretrained on resume.
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable(self, checkpoint)
         checkpoint["lifecycle"] = {"batches_seen": self.batches_seen, "guard": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
-        if missing:
-            raise ValueError(f"trainer.resume: the checkpoint lacks trainable weights {missing[:3]} "
-                             "(different LoRA or model?)")
+        check_trainable(self, checkpoint)
         state = checkpoint["lifecycle"]
         self.batches_seen = state["batches_seen"]
         self.guard.load_state_dict(state["guard"])

@@ -1,5 +1,5 @@
-"""The optimizer every training stage uses (AdamW on the trainable weights, a diffusers LR schedule)
-and the guarded manual-optimization update of the denoising-loss stages."""
+"""Shared by the training stages: the optimizer (AdamW on the trainable weights, a diffusers LR
+schedule), the guarded manual-optimization update, and checkpoints that hold only trained weights."""
 
 import math
 
@@ -40,3 +40,19 @@ def guarded_step(module, loss: torch.Tensor, guard, accumulate: int = 1, gradien
     opt.zero_grad(set_to_none=True)
     sched.step()
     return grad_norm
+
+
+def keep_trainable(module, checkpoint: dict) -> None:
+    """Drop frozen weights from a Lightning checkpoint: they are rebuilt from their sources on resume.
+
+    Stages using it set `strict_loading = False` and call `check_trainable` when loading.
+    """
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def check_trainable(module, checkpoint: dict) -> None:
+    """Every trainable weight must be in the checkpoint (non-strict loading would skip it silently)."""
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
+    if missing:
+        raise ValueError(f"trainer.resume: the checkpoint lacks trainable weights {missing[:3]} (different LoRA or model?)")

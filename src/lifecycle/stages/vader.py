@@ -27,7 +27,7 @@ from ..diffusion.sampling import sample
 from ..models import ModelBundle
 from ..models.memory import offload_activations
 from ..rewards.base import Reward
-from .optim import adamw_with_schedule
+from .optim import adamw_with_schedule, check_trainable, keep_trainable
 
 GRAD_MODES = ("last", "rand")
 
@@ -181,12 +181,9 @@ class VaderStage(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Frozen weights (base model, encoders, reward backbones) are rebuilt from their sources on
         # resume; a checkpoint carries only what training changes.
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        keep_trainable(self, checkpoint)
         checkpoint["lifecycle"] = {"batches_seen": self.batches_seen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in checkpoint["state_dict"]]
-        if missing:
-            raise ValueError(f"trainer.resume: the checkpoint lacks trainable weights {missing[:3]} (different LoRA or model?)")
+        check_trainable(self, checkpoint)
         self.batches_seen = checkpoint["lifecycle"]["batches_seen"]
