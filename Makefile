@@ -1,7 +1,7 @@
-# make demo: set up .venv and run the embedded default (pre-training on synthetic video, CPU).
+# make demo: set up .venv and run the whole lifecycle on the embedded default (recipes/tiny.yaml, CPU).
 # make test: set up .venv, run the test suite and the smoke recipe (every stage for a few steps).
-# make tiny: the whole lifecycle on the embedded default (recipes/tiny.yaml).
-# make vader-report: align the demo's export with VADER over 3 seeds, print reward/fidelity before and after.
+# make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
+# make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,8 +10,10 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 DEMO_DIR ?= outputs/demo
 VADER_ARGS ?= reward=vivid  # Hydra overrides for make vader-report
+COMPARE_ARGS ?=             # e.g. --queries 960 -- reward=colour
+PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install demo test smoke tiny vader-report clean
+.PHONY: install demo test smoke vader-report compare clean
 
 install: $(VENV)/.installed
 
@@ -23,12 +25,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m lifecycle stage=pretrain hydra.run.dir=$(DEMO_DIR) trainer.resume=last
-	@echo "run directory: $(DEMO_DIR) (checkpoints/, export/, metrics.csv, samples/final/)"
+	$(PY) -m lifecycle recipe=tiny hydra.run.dir=$(DEMO_DIR)
+	@echo "run directory: $(DEMO_DIR) (one folder per stage; evaluate/report/table.md compares them)"
 
 vader-report: install
-	@test -f $(DEMO_DIR)/export/model_index.json || $(MAKE) demo
-	$(PY) -m lifecycle.bench.vader_report --pretrained $(DEMO_DIR)/export -- $(VADER_ARGS)
+	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
+	$(PY) -m lifecycle.bench.vader_report --pretrained $(PRETRAINED) -- $(VADER_ARGS)
+
+compare: install
+	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
+	$(PY) -m lifecycle.bench.compare --pretrained $(PRETRAINED) --out outputs/compare $(COMPARE_ARGS)
 
 test: install
 	$(PY) -m pytest -q
@@ -37,9 +43,6 @@ test: install
 smoke: install
 	rm -rf outputs/smoke
 	$(PY) -m lifecycle recipe=smoke hydra.run.dir=outputs/smoke trainer.enable_progress_bar=false
-
-tiny: install
-	$(PY) -m lifecycle recipe=tiny hydra.run.dir=outputs/tiny
 
 clean:
 	rm -rf outputs multirun .pytest_cache

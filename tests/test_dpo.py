@@ -267,3 +267,18 @@ def test_config_errors_name_the_key(tmp_path, pairs):
         compose_cfg(tmp_path, *TRAIN, f"stage.pairs={pairs}", "stage.timesteps.flow=cosine")
     with pytest.raises(ConfigError, match="prompts.test"):
         compose_cfg(tmp_path, "stage=dpo", f"stage.pairs={pairs}", "prompts.test=/no/such/prompts.txt")
+
+
+def test_dpo_reward_curve_starts_where_the_pairs_left_off(tmp_path):
+    """The pairs' sampling time and reward queries (their manifest) are the curve's starting point."""
+    from lifecycle.stages.dpo import run
+
+    pairs = tmp_path / "pairs"
+    write_pairs(pairs, colour_pairs(4), manifest={"reward": "colour", "reward_queries": 96, "seconds": 7.5})
+    run(compose_cfg(tmp_path / "run", *TRAIN, f"stage.pairs={pairs}", "stage.steps=2", "stage.curve.every_n_steps=1",
+                    "stage.curve.num_steps=2", "reward=colour",
+                    "prompts.train=[a large red circle moving left quickly on a black background]"))
+    curve = [json.loads(line) for line in (tmp_path / "run" / "curve.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in curve] == [0, 1, 2]
+    assert [p["reward_queries"] for p in curve] == [96, 96, 96]  # DPO itself queries no reward
+    assert curve[0]["seconds"] == 7.5 and curve[0]["seconds"] < curve[1]["seconds"] < curve[2]["seconds"]

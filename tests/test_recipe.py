@@ -64,6 +64,8 @@ def test_recipe_chains_exports_skips_finished_stages_and_resumes(tmp_path, synth
     assert lineage["sft"]["parent"] == str(run / "pretrain" / "export")
     assert lineage["vader"]["parent"] == str(run / "sft" / "export")
     assert all(entry["recipe"] == path for entry in lineage.values())
+    assert all(entry["stage"] == n and entry["data"] and entry["config"]["stage"]["name"] == n
+               for n, entry in lineage.items())
 
 
 def test_recipe_errors_name_the_problem(tmp_path):

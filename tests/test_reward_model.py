@@ -55,7 +55,8 @@ def test_conv_reward_is_differentiable_and_round_trips_through_export(tmp_path):
 
     reward.save_pretrained(tmp_path / "export", lineage={"stage": "test"})
     assert json.loads((tmp_path / "export" / "config.json").read_text()) == {
-        "architecture": "conv", "kwargs": {"channels": [8, 16], "text_dim": 8, "hidden": 16}}
+        "architecture": "conv", "kwargs": {"channels": [8, 16], "text_dim": 8, "hidden": 16},
+        "scale": {"mean": 0.0, "std": 1.0}}
     loaded = LearnedReward.from_pretrained(tmp_path / "export")
     torch.testing.assert_close(loaded(videos(), PROMPTS), scores.detach(), rtol=0, atol=0)
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -173,6 +174,13 @@ def test_reward_model_learns_colour_preferences(tmp_path, colour_pair_dir):
     with torch.no_grad():
         accuracy = preference_accuracy(reward(chosen, prompts), reward(rejected, prompts)).item()
     assert accuracy == pytest.approx(report["after"]["accuracy"])
+    # the export is standardised on the training split's videos: mean 0 and std 1 there, by hand
+    train = [p for p in pairs if not held_out(p["key"], 0.25)]
+    clips = torch.from_numpy(np.stack([p[k] for k in ("chosen", "rejected") for p in train]))
+    with torch.no_grad():
+        scores = reward(clips.permute(0, 1, 4, 2, 3).float() / 255, [p["prompt"] for p in train] * 2)
+    assert report["scale"]["std"] > 0 and scores.mean().item() == pytest.approx(0, abs=1e-4)
+    assert scores.std(correction=0).item() == pytest.approx(1, abs=1e-4)
 
 
 def test_reward_model_stage_on_a_clip_backbone_with_lora(tmp_path, colour_pair_dir, clip_dir):

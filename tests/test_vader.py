@@ -144,7 +144,7 @@ def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthet
     from lifecycle.align import vader
     from lifecycle.stages.vader import VaderStage
 
-    short = [*FAST, "stage.evaluation.batch_size=2"]
+    short = [*FAST, "stage.evaluation.batch_size=2", "stage.curve.every_n_steps=2", "stage.curve.num_steps=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     vader(compose_cfg(straight, *short, shards=synthetic_shards))
     original = VaderStage.training_step
@@ -166,6 +166,14 @@ def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthet
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
     assert a["lifecycle"] == b["lifecycle"] == {"batches_seen": 6}
+    # the reward curve: measured before training and every 2 steps, queries = steps x batch 2; the resumed
+    # run re-measures only what came after its checkpoint (step 3) and reaches the same rewards
+    curves = [[json.loads(line) for line in (d / "curve.jsonl").read_text().splitlines()] for d in (straight, resumed)]
+    for curve in curves:
+        assert [p["step"] for p in curve] == [0, 2, 4, 6]
+        assert [p["reward_queries"] for p in curve] == [0, 4, 8, 12]
+        assert all(later["seconds"] > earlier["seconds"] for earlier, later in zip(curve, curve[1:]))
+    assert [p["reward"] for p in curves[0]] == pytest.approx([p["reward"] for p in curves[1]], abs=1e-6)
 
 
 @pytest.mark.parametrize("model, extra", [

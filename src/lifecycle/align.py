@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+from .callbacks.reward_curve import reward_curve
 from .data.conditioning import conditioning
 from .data.prompts import load_prompts
 from .metrics.reward_table import evaluate, write_table
@@ -17,7 +18,7 @@ from .models import build_bundle
 from .models.memory import enable_gradient_checkpointing, freeze_to_dtype
 from .rewards.base import build_reward
 from .stages.vader import VaderStage
-from .train import build_trainer, export, make_trainable, resume_checkpoint
+from .train import build_trainer, export, lineage, make_trainable, resume_checkpoint
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,7 +59,9 @@ def vader(cfg: DictConfig) -> dict:
         gradient_clip=s.gradient_clip, accumulate=s.accumulate, offload=s.memory.offload_activations,
         autocast_dtype=dtype, seed=cfg.seed, condition=images, clips=s.clips,
     )
-    trainer = build_trainer(cfg, run_dir, [], s.steps)
+    curve = reward_curve(s.curve, bundle, reward, prompt_sets["train"], run_dir,
+                         {"frames": s.frames, "resolution": s.resolution, "images": images, "clips": s.clips})
+    trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
     trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -72,11 +75,9 @@ def vader(cfg: DictConfig) -> dict:
                  for name in rows}}
     if trainer.is_global_zero:
         table = write_table({"before": before, "after": after}, run_dir / "report")
-        lineage = {"recipe": cfg.get("recipe"), "stage": s.name, "parent": cfg.model.pretrained,
-                   "data": {name: cfg.prompts[name] for name in ("train", "test")}, "step": trainer.global_step,
-                   "run_dir": str(run_dir), "config": OmegaConf.to_container(cfg, resolve=True)}
         if dtype is not None:  # frozen weights were stored in half precision for training; export in fp32
             bundle.float()
-        export(bundle, run_dir / "export", lineage, lora=s.export)
+        data = {name: cfg.prompts[name] for name in ("train", "test")}
+        export(bundle, run_dir / "export", lineage(cfg, run_dir, trainer.global_step, data), lora=s.export)
         log.info("reward before/after alignment:\n%s", table)
     return result

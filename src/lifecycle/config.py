@@ -171,6 +171,15 @@ class EvaluationSchema:
 
 
 @dataclass
+class CurveSchema:
+    every_n_steps: int = 0  # > 0: reward on prompts.train every n optimizer steps -> <run_dir>/curve.jsonl
+    num_steps: int = 10
+    guidance_scale: float = 3.0
+    seed: int = 0
+    batch_size: int = 48
+
+
+@dataclass
 class VaderStageSchema:
     name: str = "???"
     run: str = "???"
@@ -190,6 +199,7 @@ class VaderStageSchema:
     accumulate: int = 1
     export: str = "merge"
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+    curve: CurveSchema = field(default_factory=CurveSchema)
 
 
 @dataclass
@@ -220,6 +230,7 @@ class DPOStageSchema:
     guard: GuardSchema = field(default_factory=GuardSchema)
     export: str = "merge"
     evaluation: Optional[EvaluationSchema] = field(default_factory=EvaluationSchema)  # null: no before/after table
+    curve: CurveSchema = field(default_factory=CurveSchema)
 
 
 @dataclass
@@ -264,6 +275,7 @@ class DDPOStageSchema:
     gradient_clip: Optional[float] = 1.0
     export: str = "merge"
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+    curve: CurveSchema = field(default_factory=CurveSchema)
 
 
 @dataclass
@@ -329,9 +341,20 @@ class ToolStageSchema:
     run: str = "???"
 
 
+@dataclass
+class EvaluateStageSchema:
+    name: str = "???"
+    run: str = "???"
+    models: list[str] = field(default_factory=list)  # export folders, or run directories holding export/
+    frames: int = 8
+    resolution: int = 32
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+
+
 STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
                  "synthetic": ToolStageSchema, "dpo": DPOStageSchema, "ddpo": DDPOStageSchema,
-                 "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema}
+                 "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema,
+                 "evaluate": EvaluateStageSchema}
 SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema}
 
 
@@ -418,6 +441,13 @@ def validate(cfg: DictConfig) -> DictConfig:
         _choice("stage.timesteps.flow", st.timesteps.flow, FLOW_T_SCHEMES)
         _choice("stage.guard.action", st.guard.action, ("skip", "stop"))
         _choice("stage.export", st.export, ("merge", "adapter"))
+    if "curve" in cfg.stage:
+        if cfg.stage.curve.every_n_steps < 0:
+            raise ConfigError(f"stage.curve.every_n_steps: must be >= 0 (0: off), got {cfg.stage.curve.every_n_steps}")
+        if cfg.stage.curve.every_n_steps:
+            _check_prompts(cfg, "train")
+    if schema is EvaluateStageSchema:
+        _check_evaluate(cfg)
     if schema is DDPOStageSchema:
         _check_ddpo(cfg)
     if schema is PreferencesStageSchema:
@@ -435,6 +465,16 @@ def _check_prompts(cfg: DictConfig, *names: str) -> None:
             raise ConfigError(f"prompts.{name}: missing (a list of prompts or a text file)")
         if isinstance(spec, str) and not os.path.isfile(spec):
             raise ConfigError(f"prompts.{name}: no prompt file {spec!r}")
+
+
+def _check_evaluate(cfg: DictConfig) -> None:
+    if not cfg.stage.models:
+        raise ConfigError("stage.models: list the export folders (or run directories) to evaluate")
+    for i, path in enumerate(cfg.stage.models):
+        folder = os.path.expanduser(path)
+        if not any(os.path.isfile(os.path.join(f, "model_index.json")) for f in (folder, os.path.join(folder, "export"))):
+            raise ConfigError(f"stage.models[{i}]: no exported bundle in {path!r} (nor in its export/)")
+    _check_prompts(cfg, "train", "test")
 
 
 def _check_ddpo(cfg: DictConfig) -> None:

@@ -80,6 +80,12 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return ckpt_path
 
 
+def lineage(cfg: DictConfig, run_dir: Path, step: int, data, **extra) -> dict:
+    """What an export records of its making: recipe, stage, parent export, data, step, run directory, config."""
+    return {"recipe": cfg.get("recipe"), "stage": cfg.stage.name, "parent": cfg.model.get("pretrained"), "data": data,
+            "step": step, "run_dir": str(run_dir), **extra, "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
 def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
     """Write the bundle folder next to `path` and swap it in, so `path` is never half-written.
 
@@ -127,13 +133,8 @@ def fit(cfg: DictConfig) -> dict:
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
     if trainer.is_global_zero:
-        lineage = {
-            "recipe": cfg.get("recipe"), "stage": s.name, "parent": cfg.model.pretrained, "data": cfg.data.shards,
-            "step": trainer.global_step,
-            "run_dir": str(run_dir), "config": OmegaConf.to_container(cfg, resolve=True),
-        }
         with ema.swapped(module) if ema else nullcontext():
-            export(bundle, run_dir / "export", lineage, lora=s.export)
+            export(bundle, run_dir / "export", lineage(cfg, run_dir, trainer.global_step, cfg.data.shards), lora=s.export)
         log.info("exported %s; %s", run_dir / "export", result)
     return result
 

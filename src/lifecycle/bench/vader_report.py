@@ -1,6 +1,6 @@
 """Does VADER work on the embedded default? Reward and oracle fidelity before/after, over several seeds.
 
-    python -m lifecycle.bench.vader_report --pretrained outputs/demo/export [--seeds 0 1 2] [-- overrides ...]
+    python -m lifecycle.bench.vader_report --pretrained outputs/demo/pretrain/export [--seeds 0 1 2] [-- overrides ...]
 
 Runs `stage=vader` once per seed from the pre-trained export (the same code path as the CLI), then
 prints and writes `<out>/summary.md`: the optimised reward on the training and held-out prompts, and
@@ -12,11 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from ..__main__ import CONF_DIR
-from ..align import vader
-from ..config import validate
+from .compare import run_stage
 
 COLUMNS = (("train", "reward"), ("test", "reward"), ("test", "colour_accuracy"), ("test", "direction_accuracy"))
 
@@ -25,10 +21,8 @@ def run(pretrained: str, seeds: list[int], out: Path, overrides: list[str]) -> d
     tables = {}
     for seed in seeds:
         run_dir = out / f"seed{seed}"
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=["stage=vader", f"model.pretrained={pretrained}", f"seed={seed}",
-                                               f"stage.evaluation.seed={seed}", f"run_dir={run_dir}", *overrides])
-        vader(validate(cfg))
+        run_stage(["stage=vader", f"model.pretrained={pretrained}", f"seed={seed}", f"stage.evaluation.seed={seed}",
+                   f"run_dir={run_dir}", *overrides])
         tables[seed] = json.loads((run_dir / "report" / "table.json").read_text())
     return tables
 
@@ -49,7 +43,7 @@ def summary(tables: dict, reward: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", default="outputs/demo/export", help="bundle folder to align (make demo's export)")
+    parser.add_argument("--pretrained", default="outputs/demo/pretrain/export", help="bundle folder to align (make demo's export)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="outputs/vader_report")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. reward=colour stage.steps=100")

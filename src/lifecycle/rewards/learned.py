@@ -138,20 +138,33 @@ class LearnedReward(Reward):
 
     differentiable = True
 
-    def __init__(self, architecture: str = "conv", **kwargs):
+    def __init__(self, architecture: str = "conv", scale: dict | None = None, **kwargs):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture: {architecture!r} is not one of {list(ARCHITECTURES)}")
         self.frozen = False
         self.config = {"architecture": architecture, "kwargs": kwargs}
         self.net = ARCHITECTURES[architecture](**kwargs)
+        self.set_scale(**(scale or {"mean": 0.0, "std": 1.0}))
 
-    def forward(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def set_scale(self, mean: float, std: float) -> None:
+        """Report scores as (raw − mean) / std; the reward-model stage sets its training videos' statistics,
+        so a learned reward is in standard units whatever scale Bradley–Terry training left it at."""
+        if not std > 0:
+            raise ValueError(f"scale: std must be positive, got {std}")
+        self.config["scale"] = {"mean": float(mean), "std": float(std)}
+
+    def raw(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The network's score, before `scale`."""
         check_videos(videos, prompts)
         param = next(self.parameters())
         if param.device != videos.device:  # built on the CPU, used wherever the videos are
             self.to(videos.device)
         return self.net(videos, list(prompts))
+
+    def forward(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        scale = self.config["scale"]
+        return (self.raw(videos, prompts) - scale["mean"]) / scale["std"]
 
     def freeze(self) -> "LearnedReward":
         self.frozen = True
@@ -182,7 +195,7 @@ class LearnedReward(Reward):
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (expected a reward_model stage's export folder)")
         config = json.loads((path / CONFIG_FILE).read_text())
-        reward = cls(config["architecture"], **config["kwargs"])
+        reward = cls(config["architecture"], scale=config.get("scale"), **config["kwargs"])
         state = load_file(path / WEIGHTS_FILE)
         expected = set(reward.trained_state_dict())
         if set(state) != expected:

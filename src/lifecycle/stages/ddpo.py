@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from ..callbacks.reward_curve import reward_curve
 from ..config import ConfigError
 from ..data.prompts import PromptStream, load_prompts
 from ..diffusion.ddpo import (
@@ -43,7 +44,7 @@ from ..metrics.reward_table import evaluate, write_table
 from ..models import ModelBundle, build_bundle
 from ..models.memory import enable_gradient_checkpointing
 from ..rewards.base import Reward, build_reward
-from ..train import build_trainer, export, make_trainable, resume_checkpoint
+from ..train import build_trainer, export, lineage, make_trainable, resume_checkpoint
 from .optim import adamw_with_schedule, check_trainable, keep_trainable
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,9 @@ def run(cfg: DictConfig) -> dict:
     per_epoch = module.updates_per_epoch
     trainer_cfg = copy.deepcopy(cfg)  # checkpoints only on epoch boundaries: round the interval up to whole epochs
     trainer_cfg.trainer.checkpoint_every_n_steps = math.ceil(cfg.trainer.checkpoint_every_n_steps / per_epoch) * per_epoch
-    trainer = build_trainer(trainer_cfg, run_dir, [], s.epochs * per_epoch)
+    curve = reward_curve(s.curve, bundle, reward, prompt_sets["train"], run_dir,
+                         {"frames": s.frames, "resolution": s.resolution})
+    trainer = build_trainer(trainer_cfg, run_dir, curve, s.epochs * per_epoch)
     start = time.time()
     trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -276,9 +279,8 @@ def run(cfg: DictConfig) -> dict:
                  for name in rows}}
     if trainer.is_global_zero:
         table = write_table({"before": before, "after": after}, run_dir / "report", method="DDPO")
-        lineage = {"stage": s.name, "parent": cfg.model.pretrained, "step": trainer.global_step,
-                   "reward_queries": module.reward_queries, "run_dir": str(run_dir),
-                   "config": OmegaConf.to_container(cfg, resolve=True)}
-        export(bundle, run_dir / "export", lineage, lora=s.export)
+        data = {name: cfg.prompts[name] for name in ("train", "test")}
+        export(bundle, run_dir / "export",
+               lineage(cfg, run_dir, trainer.global_step, data, reward_queries=module.reward_queries), lora=s.export)
         log.info("reward before/after DDPO:\n%s", table)
     return result

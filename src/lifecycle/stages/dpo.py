@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..callbacks.reward_curve import reward_curve
 from ..config import ConfigError
-from ..data.preferences import PairDataModule
+from ..data.preferences import PairDataModule, read_manifest
 from ..data.prompts import load_prompts
 from ..diffusion import noise as nz
 from ..diffusion.dpo import DPOTerms, dpo_loss
@@ -32,7 +33,7 @@ from ..metrics.reward_table import evaluate, write_table
 from ..models import ModelBundle, build_bundle
 from ..models.lora import has_lora
 from ..rewards.base import build_reward
-from ..train import build_trainer, export, make_trainable, resume_checkpoint
+from ..train import build_trainer, export, lineage, make_trainable, resume_checkpoint
 from .guard import LossGuard
 from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable
 
@@ -191,9 +192,11 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"stage.frames: {type(bundle.denoiser).__name__} takes exactly {bundle.fixed_frames} "
                           f"frame(s), got {s.frames}")
     rows = {}
-    if s.evaluation is not None:
+    if s.evaluation is not None or s.curve.every_n_steps:
         reward = build_reward(cfg.reward)
-        prompt_sets = {name: load_prompts(cfg.prompts[name], f"prompts.{name}") for name in ("train", "test")}
+        prompt_sets = {name: load_prompts(cfg.prompts[name], f"prompts.{name}")
+                       for name in ("train", "test") if s.evaluation is not None or name == "train"}
+    if s.evaluation is not None:
         settings = {**OmegaConf.to_container(s.evaluation), "frames": s.frames, "resolution": s.resolution}
         bundle.eval()
         rows["before"] = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "before", settings,
@@ -207,7 +210,12 @@ def run(cfg: DictConfig) -> dict:
     )
     pairs = PairDataModule(s.pairs, s.batch_size, s.frames, s.resolution, seed=cfg.seed, num_workers=s.num_workers,
                            shuffle_buffer=s.shuffle_buffer)
-    trainer = build_trainer(cfg, run_dir, [], s.steps)
+    curve = []
+    if s.curve.every_n_steps:  # the curve starts where the pairs left off: their queries and seconds count too
+        offset = {k: (read_manifest(s.pairs) or {}).get(k, 0) for k in ("reward_queries", "seconds")}
+        curve = reward_curve(s.curve, bundle, reward, prompt_sets["train"], run_dir,
+                             {"frames": s.frames, "resolution": s.resolution}, offset)
+    trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
     trainer.fit(module, datamodule=pairs, ckpt_path=resume_checkpoint(cfg, run_dir))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -221,7 +229,5 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         if rows:
             log.info("reward before/after Diffusion-DPO:\n%s", write_table(rows, run_dir / "report", "Diffusion-DPO"))
-        lineage = {"stage": s.name, "parent": cfg.model.pretrained, "data": s.pairs, "step": trainer.global_step,
-                   "run_dir": str(run_dir), "config": OmegaConf.to_container(cfg, resolve=True)}
-        export(bundle, run_dir / "export", lineage, lora=s.export)
+        export(bundle, run_dir / "export", lineage(cfg, run_dir, trainer.global_step, s.pairs), lora=s.export)
     return result

@@ -10,6 +10,7 @@ a Pick-a-Pic-style JSON-lines file. Either way the pairs go to `stage.out` as pr
 """
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,7 +52,9 @@ def choose_pairs(scores: list[float], strategy: str, min_margin: float) -> tuple
 def sampled_pairs(bundle, score: Callable, prompts: list[str], s: DictConfig, seed: int, fabric: L.Fabric,
                   stats: dict) -> Iterator[dict]:
     """Pairs from `s.candidates` samples per (repeat, prompt); candidate j of job q starts from noise seed
-    `seed + q·candidates + j`, so every candidate in the run has its own noise. Ties add to `stats["ties"]`."""
+    `seed + q·candidates + j`, so every candidate in the run has its own noise. Ties add to `stats["ties"]`;
+    at the end `stats` holds the videos scored (`reward_queries`) and the `seconds` the pairs took."""
+    start_time = time.perf_counter()
     n = s.candidates
     jobs = [prompt for _ in range(s.repeats) for prompt in prompts]
     per_call = max(1, s.batch_size // n)  # prompts per sampling call
@@ -73,6 +76,8 @@ def sampled_pairs(bundle, score: Callable, prompts: list[str], s: DictConfig, se
                     yield {"prompt": prompt, "chosen": clips[k * n + c], "rejected": clips[k * n + r],
                            "chosen_score": mine[c], "rejected_score": mine[r], "scores": mine, "source": "sampled"}
             bar.update(len(chunk))
+    stats["reward_queries"] = len(jobs) * n
+    stats["seconds"] = round(time.perf_counter() - start_time, 2)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -21,7 +21,7 @@ from ..config import ConfigError
 from ..data.preferences import PairDataModule, pair_batches, read_manifest
 from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
 from ..rewards.learned import LearnedReward
-from ..train import build_trainer, resume_checkpoint
+from ..train import build_trainer, lineage, resume_checkpoint
 from .optim import adamw_with_schedule
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,17 @@ def pair_accuracy(reward: LearnedReward, batches: Iterable[dict], device: torch.
     if not total:
         raise ValueError("no held-out pairs: raise stage.val_fraction or add pairs")
     return {"accuracy": correct / total, "loss": loss / total, "pairs": total}
+
+
+@torch.no_grad()
+def raw_statistics(reward: LearnedReward, batches: Iterable[dict], device: torch.device) -> dict:
+    """{mean, std} of the raw score over every video (chosen and rejected) of `batches`."""
+    was_training = reward.training
+    reward.eval()
+    scores = torch.cat([reward.raw(torch.cat([b["chosen"], b["rejected"]]).to(device), b["prompts"] * 2).float().cpu()
+                        for b in batches])
+    reward.train(was_training)
+    return {"mean": scores.mean().item(), "std": scores.std(correction=0).clamp_min(1e-6).item()}
 
 
 class RewardModelStage(L.LightningModule):
@@ -129,18 +140,22 @@ def run(cfg: DictConfig) -> dict:
     fit_seconds = round(time.time() - start, 1)
     after = evaluate()
     _log(trainer, {"val/accuracy": after["accuracy"], "val/loss": after["loss"]}, step=trainer.global_step)
+    train_batches = pair_batches(s.pairs, s.eval_batch_size, frames, resolution, split="train",
+                                 val_fraction=s.val_fraction)
+    reward.set_scale(**raw_statistics(reward, train_batches, device))
     result = {"steps": trainer.global_step, "fit_seconds": fit_seconds,
               "before/accuracy": before["accuracy"], "after/accuracy": after["accuracy"]}
     if trainer.is_global_zero:
-        report = {"before": before, "after": after, "val_fraction": s.val_fraction, "data": s.pairs}
+        report = {"before": before, "after": after, "scale": reward.config["scale"], "val_fraction": s.val_fraction,
+                  "data": s.pairs}
         (run_dir / "report").mkdir(parents=True, exist_ok=True)
         (run_dir / "report" / "accuracy.json").write_text(json.dumps(report, indent=2))
-        lineage = {"stage": s.name, "parent": s.pairs, "step": trainer.global_step, "run_dir": str(run_dir),
-                   "accuracy": after, "config": OmegaConf.to_container(cfg, resolve=True)}
+        # its parent is the pairs it learned from (not the model that sampled them)
+        made = lineage(cfg, run_dir, trainer.global_step, s.pairs, parent=s.pairs, accuracy=after)
         export = run_dir / "export"
         staging = export.with_name(f".{export.name}.tmp")  # swapped in whole, so the export is never half-written
         shutil.rmtree(staging, ignore_errors=True)
-        reward.save_pretrained(staging, lineage)
+        reward.save_pretrained(staging, made)
         shutil.rmtree(export, ignore_errors=True)
         staging.rename(export)
         log.info("held-out pair accuracy %.3f -> %.3f (%d pairs); exported %s",

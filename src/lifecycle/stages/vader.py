@@ -166,6 +166,11 @@ class VaderStage(L.LightningModule):
         self.log("reward", scores.detach().mean(), prog_bar=True, logger=False)
 
     # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def reward_queries(self) -> int:
+        """Videos scored so far, all ranks."""
+        return self.batches_seen * self.batch_size * self.trainer.world_size
+
     def step_generator(self) -> torch.Generator:
         """Noise, frame subset and truncation for this batch depend on (seed, batch, rank) alone: resume is exact."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches_seen * 4099 + self.global_rank)
