@@ -2,6 +2,7 @@
 # make test: set up .venv, run the test suite and the smoke recipe (every stage for a few steps).
 # make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
 # make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
+# make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,9 +12,10 @@ export WANDB_MODE ?= offline
 DEMO_DIR ?= outputs/demo
 VADER_ARGS ?= reward=vivid  # Hydra overrides for make vader-report
 COMPARE_ARGS ?=             # e.g. --queries 960 -- reward=colour
+BENCH_ARGS ?=               # e.g. --case tiny_video --steps 50
 PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install demo test smoke vader-report compare clean
+.PHONY: install demo test smoke vader-report compare bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +37,9 @@ vader-report: install
 compare: install
 	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
 	$(PY) -m lifecycle.bench.compare --pretrained $(PRETRAINED) --out outputs/compare $(COMPARE_ARGS)
+
+bench: install
+	$(PY) -m lifecycle.bench.train_step $(BENCH_ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
 from .callbacks.reward_curve import reward_curve
+from .config import ConfigError
 from .data.conditioning import conditioning
 from .data.prompts import load_prompts
 from .metrics.reward_table import evaluate, write_table
