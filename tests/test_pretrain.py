@@ -21,6 +21,7 @@ SHORT = [
     "stage.lr_scheduler.warmup_steps=2",
     "trainer.checkpoint_every_n_steps=2",
     "trainer.log_every_n_steps=1",
+    "trainer.throughput_window=2",
     "trainer.enable_progress_bar=false",
     "data.num_workers=0",
     "stage.ema.decay=0.9",
@@ -45,6 +46,12 @@ def test_pretrain_writes_everything_a_person_looks_at(tmp_path, synthetic_shards
     assert [float(r["train/phase"]) for r in logged] == [0.0] * 4 + [1.0] * 4
     for key in ["train/loss_ema", "train/grad_norm", "train/lr"]:
         assert all(r[key] for r in logged), key
+    # throughput from Lightning's ThroughputMonitor with the module's FLOPs per batch: 4 samples at 16 px, then
+    # 2 at 32 px, where 4x the pixels cost about 4x the FLOPs per sample
+    speed = [r for r in rows(tmp_path) if r.get("train/device/samples_per_sec")]
+    assert len(speed) >= 6 and all(float(r["train/device/samples_per_sec"]) > 0 for r in speed)
+    per_batch = [float(r["train/device/flops_per_sec"]) / float(r["train/device/batches_per_sec"]) for r in speed]
+    assert 3.5 < (per_batch[-1] / 2) / (per_batch[0] / 4) < 4.5
     lrs = [float(r["train/lr"]) for r in logged]
     assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warm-up, then cosine decay
     assert 0.0 <= result["colour_accuracy"] <= 1.0 and result["chance_colour"] == pytest.approx(1 / 6)
@@ -140,3 +147,24 @@ def test_wandb_offline_gets_metrics_and_sample_videos(tmp_path, synthetic_shards
     assert len(runs) == 1
     assert list(runs[0].rglob("*.mp4")), "sample videos were not logged"
     assert list(runs[0].glob("run-*.wandb"))
+
+
+@pytest.mark.parametrize("option", ["stage.gradient_checkpointing=true", "stage.compile=true"])
+def test_speed_options_train_the_same_weights(tmp_path, synthetic_shards, option):
+    """Activation checkpointing recomputes the same activations and torch.compile runs the same math: two steps
+    with either option end at the weights of two plain steps."""
+    tiny = ["stage.curriculum=[{name:a,resolution:16,frames:8,batch_size:2,steps:2}]", "stage.samples.prompts.n=1",
+            "stage.samples.num_steps=1", "stage.ema.decay=null", "trainer.enable_progress_bar=false",
+            "data.num_workers=0", "stage.optimizer.fused=false"]
+    from torch._dynamo.utils import counters
+
+    plain = fit(compose_cfg(tmp_path / "plain", *tiny, shards=synthetic_shards))
+    counters.clear()
+    fast = fit(compose_cfg(tmp_path / "fast", *tiny, option, shards=synthetic_shards))
+    assert plain["steps"] == fast["steps"] == 2
+    assert bool(counters["stats"]["unique_graphs"]) == option.startswith("stage.compile")  # dynamo traced it
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "fast" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

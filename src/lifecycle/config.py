@@ -28,6 +28,7 @@ class TrainerSchema:
     max_steps: Optional[int] = None  # None: the stage's curriculum total
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200
+    throughput_window: int = 20  # batches per samples/s, FLOP/s and MFU reading (pre-training and SFT)
     resume: Optional[str] = None  # null | last | a checkpoint path
     deterministic: bool = False
     enable_progress_bar: bool = True
@@ -142,6 +143,8 @@ class DenoiseStageSchema:
     lora: Optional[LoRASchema] = None  # null: full fine-tuning
     export: str = "merge"  # with LoRA: merge | adapter
     select: Any = None  # train on a curated subset: {min: {score: t}, where: {key: [values]}, keys: file}
+    gradient_checkpointing: bool = False  # activation checkpointing per denoiser block
+    compile: bool = False  # torch.compile the denoiser's forward (in place)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.ema import EMA
@@ -21,12 +21,13 @@ from .data.datamodule import ShardDataModule
 from .loggers import drop_rows_from
 from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
+from .models.memory import enable_gradient_checkpointing
 from .stages.denoise import DenoiseStage
 
 log = logging.getLogger(__name__)
 # Checkpoints are taken after the optimizer step on purpose; Lightning warns about that under manual optimization.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
-TRAINER_EXTRA_KEYS = ("resume", "checkpoint_every_n_steps")
+TRAINER_EXTRA_KEYS = ("resume", "checkpoint_every_n_steps", "throughput_window")
 
 
 def check_frames(bundle, curriculum: Curriculum) -> None:
@@ -108,6 +109,10 @@ def fit(cfg: DictConfig) -> dict:
     check_frames(bundle, curriculum)
     if s.lora is not None:
         make_trainable(bundle, s.lora)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(bundle.denoiser)
+    if s.compile:  # nn.Module.compile keeps the module's class and state-dict keys: dispatch and export unchanged
+        bundle.denoiser.compile()
     max_steps = cfg.trainer.max_steps or curriculum.total_steps
     module = DenoiseStage(
         bundle, curriculum,
@@ -127,7 +132,10 @@ def fit(cfg: DictConfig) -> dict:
         **{k: v for k, v in OmegaConf.to_container(s.samples).items() if k != "prompts"},
     )
     ema = EMA(decay=s.ema.decay, every=s.ema.every) if s.ema.decay else None
-    trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples) if c is not None], max_steps)
+    # samples/s, FLOP/s and MFU (where Lightning knows the device's peak) from the module's flops_per_batch
+    throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["caption"]),
+                                   window_size=cfg.trainer.throughput_window)
+    trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples, throughput) if c is not None], max_steps)
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export

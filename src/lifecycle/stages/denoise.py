@@ -6,6 +6,7 @@ convert the prediction into the loss space, Min-SNR-γ-weighted MSE, guard, clip
 
 import lightning as L
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.curriculum import Curriculum
 from ..diffusion import noise as nz
@@ -37,6 +38,8 @@ class DenoiseStage(L.LightningModule):
         self.max_steps = max_steps or curriculum.total_steps
         self.guard = LossGuard(**guard)
         self.batches_seen = 0
+        self.phase_flops: dict[int, int] = {}  # curriculum phase -> denoiser FLOPs per sample
+        self.flops_per_batch = 0
         bundle.denoiser.train()  # from_pretrained leaves every component in eval mode
         bundle.text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
         if bundle.vae is not None:
@@ -101,6 +104,37 @@ class DenoiseStage(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.max_steps)
+
+    # -- throughput -----------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """Keep `flops_per_batch`, which Lightning's ThroughputMonitor reads for FLOP/s and MFU, at this batch's."""
+        phase = batch["phase"]
+        if phase not in self.phase_flops:
+            p = self.curriculum.phases[phase]
+            self.phase_flops[phase] = self.sample_flops(p.frames, p.resolution)
+        self.flops_per_batch = self.phase_flops[phase] * len(batch["caption"])
+
+    def sample_flops(self, frames: int, resolution: int) -> int:
+        """The denoiser's forward + backward FLOPs on one sample, counted by torch's FlopCounterMode.
+
+        Not Lightning's `measure_flops`: its `backward()` would add to the gradients being accumulated;
+        `autograd.grad` leaves them alone. The text encoder and VAE are not counted. A compiled denoiser
+        (`stage.compile`, nn.Module.compile) is counted through its eager forward: torch.compile first
+        called under a dispatch mode would leave the module eager for good.
+        """
+        b, d = self.bundle, self.bundle.denoiser
+        x = torch.zeros(1, *b.latent_shape(frames, resolution), device=self.device)
+        with torch.no_grad():
+            cond = b.encode_text([""])
+        params = [p for p in d.parameters() if p.requires_grad]
+        compiled, d._compiled_call_impl = d._compiled_call_impl, None
+        try:
+            with FlopCounterMode(display=False) as counter:
+                out = b.denoise(x, torch.full((1,), 500, device=self.device), *cond)
+                torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        finally:
+            d._compiled_call_impl = compiled
+        return counter.get_total_flops()
 
     # -- state beyond weights and optimizer ---------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
