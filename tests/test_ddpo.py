@@ -269,3 +269,23 @@ def test_flow_models_are_refused_naming_model(tmp_path, synthetic_shards):
                                            f"data.shards={synthetic_shards}", "data.generate=null"])
     with pytest.raises(ConfigError, match="^model: .*flow-matching"):
         run(validate(cfg))
+
+
+def test_ddpo_gathers_rewards_and_statistics_across_two_processes(tmp_path, synthetic_shards):
+    """DDP on two CPU processes (gloo): each rank samples its own 2 videos an epoch, and the per-prompt tracker
+    (on every rank) normalises with all 4 rewards; rank 0's checkpoint holds both ranks' rewards."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    tiny = ["model.denoiser.unet_config.block_out_channels=[16,32]", "+model.denoiser.unet_config.norm_num_groups=8",
+            "model.denoiser.unet_config.attention_head_dim=4", "model.text_encoder.config.num_hidden_layers=1"]
+    subprocess.run([sys.executable, "-m", "lifecycle", *FAST, *tiny, "stage.sample.num_steps=2",
+                    "stage.evaluation.num_steps=2", f"data.shards={synthetic_shards}", "data.generate=null",
+                    "trainer.devices=2", "trainer.strategy=ddp", "trainer.enable_progress_bar=false",
+                    f"hydra.run.dir={run_dir}"], check=True, capture_output=True, text=True)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["lifecycle"]
+    assert state["reward_queries"] == 2 * 2 * 2  # epochs x videos per rank x ranks
+    rewards = [r for history in state["tracker"]["history"].values() for r in history]
+    assert len(rewards) == 8 and len(set(rewards)) == 8  # every rank's videos, each its own noise
+    assert [float(r["train/reward_queries"]) for r in _metrics(run_dir)] == [4, 4, 8, 8]
