@@ -2,7 +2,8 @@
 # make test: set up .venv, run the test suite and the smoke recipe (every stage for a few steps).
 # make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
 # make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
-# make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table).
+# make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table);
+# BENCH_ARGS=--gpu for the real-size cases on a CUDA device.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

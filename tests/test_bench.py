@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from lifecycle.bench.train_step import flops_per_sample
+from lifecycle.bench.train_step import CASES, flops_per_sample
 
 
 def test_bench_prints_both_loops_and_their_ratio():
@@ -25,5 +25,5 @@ def test_flops_per_sample_scale_with_the_clip_length():
     the frame count squared and its time/text embeddings not at all, both small: twice the frames, about
     twice the FLOPs (measured 1.999)."""
     cpu = torch.device("cpu")
-    four, eight = flops_per_sample("tiny_unet3d", cpu, frames=4), flops_per_sample("tiny_unet3d", cpu, frames=8)
+    four, eight = (flops_per_sample(CASES["tiny_unet3d"], cpu, frames=f) for f in (4, 8))
     assert 1.95 < eight / four < 2.1

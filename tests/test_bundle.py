@@ -11,7 +11,7 @@ from lifecycle.models import ModelBundle, build_bundle
 
 from .helpers import CONF_DIR
 
-MODELS = ["tiny_video", "tiny_unet3d", "tiny_wan", "tiny_image"]
+MODELS = ["tiny_video", "tiny_unet3d", "tiny_wan", "tiny_image", "tiny_dit"]
 
 
 def model_cfg(name):

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lifecycle.bench.train_step import Case, build
+from lifecycle.data.curriculum import Curriculum
 from lifecycle.models import ModelBundle
 from lifecycle.stages.denoise import DenoiseStage
 from lifecycle.stages.guard import DivergenceError
@@ -168,3 +170,24 @@ def test_speed_options_train_the_same_weights(tmp_path, synthetic_shards, option
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0])
+def test_a_latent_cache_batch_gives_the_loss_of_the_video_batch(dropout):
+    """Pixel space (the encoder draws no noise): latents + text embeddings computed ahead of the step, with
+    dropped captions swapped for the empty caption's embedding, give exactly the loss of encoding in the step."""
+    bundle = build(Case("tiny_wan", 4, 16, 6), torch.device("cpu"))
+    objective = {"loss_space": None, "min_snr_gamma": 5.0, "min_snr_floor": 0.0, "noise_offset": 0.1,
+                 "caption_dropout": dropout, "flow_timesteps": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
+    module = DenoiseStage(bundle, Curriculum([{"name": "a", "resolution": 16, "frames": 4, "batch_size": 6,
+                                               "steps": 1}]), objective, optimizer={"lr": 1e-4},
+                          lr_scheduler={"name": "constant", "warmup_steps": 0},
+                          guard={"action": "skip", "spike_factor": 10.0, "ema_beta": 0.98, "warmup": 20})
+    captions = ["a red circle moving left", "a blue square", "green", "a red square moving right", "blue", "red"]
+    video = torch.rand(6, 4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden, pooled = bundle.encode_text(captions)
+        cached = {"latents": bundle.encode_video(video), "hidden": hidden, "pooled": pooled, "caption": captions}
+        from_video = module.denoising_loss({"video": video, "caption": captions}, torch.Generator().manual_seed(3))
+        from_cache = module.denoising_loss(cached, torch.Generator().manual_seed(3))
+    assert torch.equal(from_video, from_cache)

@@ -19,6 +19,7 @@ from diffusers import (
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    PixArtTransformer2DModel,
     UNet2DConditionModel,
     UNet3DConditionModel,
     UNetSpatioTemporalConditionModel,
@@ -92,7 +93,7 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
         """Frame count the architecture requires (1 for image models), None if any count works."""
         if isinstance(self.denoiser, FramesAsChannelsUNet):
             return self.denoiser.config.num_frames
-        if isinstance(self.denoiser, UNet2DConditionModel):
+        if isinstance(self.denoiser, (UNet2DConditionModel, PixArtTransformer2DModel)):
             return 1
         return None
 
@@ -166,6 +167,8 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
         if isinstance(d, UNet2DConditionModel):
             labels = pooled if d.config.class_embed_type == "projection" else None
             return d(x_t[:, :, 0], timestep, hidden, class_labels=labels).sample.unsqueeze(2)
+        if isinstance(d, PixArtTransformer2DModel):  # DiT blocks with cross-attention, one frame
+            return d(x_t[:, :, 0], encoder_hidden_states=hidden, timestep=timestep, return_dict=False)[0].unsqueeze(2)
         if isinstance(d, FramesAsChannelsUNet):
             labels = pooled if d.unet.config.class_embed_type == "projection" else None
             return d(x_t, timestep, hidden, class_labels=labels).sample

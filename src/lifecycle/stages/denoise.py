@@ -2,6 +2,8 @@
 
 Per step: encode video and caption, draw t and noise (with offset), noise the latents, predict,
 convert the prediction into the loss space, Min-SNR-γ-weighted MSE, guard, clip, step.
+A batch from a latent cache brings `latents` and text embeddings (`hidden`, `pooled`) instead of
+`video`: the VAE and text encoder are then not run.
 """
 
 import lightning as L
@@ -40,6 +42,7 @@ class DenoiseStage(L.LightningModule):
         self.batches_seen = 0
         self.phase_flops: dict[int, int] = {}  # curriculum phase -> denoiser FLOPs per sample
         self.flops_per_batch = 0
+        self._empty_text: tuple[torch.Tensor, torch.Tensor] | None = None  # "" embedding for cached batches
         bundle.denoiser.train()  # from_pretrained leaves every component in eval mode
         bundle.text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
         if bundle.vae is not None:
@@ -51,11 +54,15 @@ class DenoiseStage(L.LightningModule):
         b, obj = self.bundle, self.objective
         n = len(batch["caption"])
         keep = torch.rand(n, generator=g, device=self.device) >= obj["caption_dropout"]
-        captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist())]
-        with torch.set_grad_enabled(self.train_text_encoder):
-            hidden, pooled = b.encode_text(captions)
-        with torch.no_grad():
-            x0 = b.encode_video(batch["video"], generator=g)
+        if "latents" in batch:
+            x0 = batch["latents"]
+            hidden, pooled = self.drop_captions(batch["hidden"], batch["pooled"], keep)
+        else:
+            captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist())]
+            with torch.set_grad_enabled(self.train_text_encoder):
+                hidden, pooled = b.encode_text(captions)
+            with torch.no_grad():
+                x0 = b.encode_video(batch["video"], generator=g)
         noise = nz.offset_noise(torch.randn(x0.shape, generator=g, device=self.device), obj["noise_offset"], g)
         if b.is_flow:
             t = nz.sample_flow_t(n, obj["flow_timesteps"], obj["logit_mean"], obj["logit_std"], g, self.device)
@@ -71,6 +78,17 @@ class DenoiseStage(L.LightningModule):
         mse = nz.masked_mse_per_sample(pred, nz.target(kind, x0, noise, alpha, sigma))
         weight = nz.min_snr_weight(nz.snr(alpha, sigma), obj["min_snr_gamma"], kind, obj["min_snr_floor"])
         return (weight * mse).mean()
+
+    def drop_captions(self, hidden: torch.Tensor, pooled: torch.Tensor, keep: torch.Tensor):
+        """Cached text embeddings with the dropped rows replaced by the empty caption's (encoded once)."""
+        if bool(keep.all()):
+            return hidden, pooled
+        if self._empty_text is None:
+            with torch.no_grad():
+                self._empty_text = self.bundle.encode_text([""])
+        eh, ep = self._empty_text
+        return (torch.where(keep.view(-1, 1, 1), hidden, eh.to(hidden.dtype)),
+                torch.where(keep.view(-1, 1), pooled, ep.to(pooled.dtype)))
 
     # -- loop ---------------------------------------------------------------------------------
     def step_generator(self) -> torch.Generator:
@@ -111,11 +129,14 @@ class DenoiseStage(L.LightningModule):
         phase = batch["phase"]
         if phase not in self.phase_flops:
             p = self.curriculum.phases[phase]
-            self.phase_flops[phase] = self.sample_flops(p.frames, p.resolution)
+            cached = "latents" in batch
+            shape = batch["latents"].shape[1:] if cached else self.bundle.latent_shape(p.frames, p.resolution)
+            self.phase_flops[phase] = self.sample_flops(tuple(shape))
         self.flops_per_batch = self.phase_flops[phase] * len(batch["caption"])
 
-    def sample_flops(self, frames: int, resolution: int) -> int:
-        """The denoiser's forward + backward FLOPs on one sample, counted by torch's FlopCounterMode.
+    def sample_flops(self, latent_shape: tuple[int, int, int, int]) -> int:
+        """The denoiser's forward + backward FLOPs on one sample of `latent_shape` (C, F, h, w), counted by
+        torch's FlopCounterMode.
 
         Not Lightning's `measure_flops`: its `backward()` would add to the gradients being accumulated;
         `autograd.grad` leaves them alone. The text encoder and VAE are not counted. A compiled denoiser
@@ -123,7 +144,7 @@ class DenoiseStage(L.LightningModule):
         called under a dispatch mode would leave the module eager for good.
         """
         b, d = self.bundle, self.bundle.denoiser
-        x = torch.zeros(1, *b.latent_shape(frames, resolution), device=self.device)
+        x = torch.zeros(1, *latent_shape, device=self.device)
         with torch.no_grad():
             cond = b.encode_text([""])
         params = [p for p in d.parameters() if p.requires_grad]
