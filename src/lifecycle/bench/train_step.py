@@ -15,8 +15,8 @@ Both train the same model config from the same initial weights on the same pre-b
 caption dropout and no EMA. CPU cases are tiny configs; `--gpu` cases are the published
 architectures' denoisers with random weights, fed latents and text embeddings as from a latent cache.
 Prints samples/s (the batch over the median step time after `warmup` steps), MFU (the denoiser's
-forward + backward FLOPs per sample, counted by torch's FlopCounterMode, over the device's dense
-peak; "—" where none is known, e.g. CPUs), peak memory (CUDA allocator, or the process's
+forward + backward FLOPs per sample, counted by torch's FlopCounterMode as the stage counts them,
+over the device's dense peak; "—" where none is known, e.g. CPUs), peak memory (CUDA allocator, or the process's
 resident-set high-water mark on CPU) and the lifecycle/plain ratios.
 """
 
@@ -36,14 +36,14 @@ import torch
 from diffusers.training_utils import compute_snr
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
+from lightning.fabric.utilities.throughput import get_available_flops
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..__main__ import CONF_DIR
 from ..data.curriculum import Curriculum
 from ..data.prompts import vocabulary
 from ..models import ModelBundle, build_bundle, word_tokenizer
-from ..stages.denoise import DenoiseStage
+from ..stages.denoise import DenoiseStage, denoiser_flops
 
 GAMMA = 5.0
 
@@ -243,14 +243,10 @@ def run_plain(case: Case, steps: int, warmup: int, device: torch.device) -> list
 
 
 def flops_per_sample(case: Case, device: torch.device, frames: int | None = None) -> int:
-    """The denoiser's forward + backward FLOPs for one sample of the case (or of `frames` frames), counted by
-    torch's FlopCounterMode through Lightning's `measure_flops`."""
+    """The denoiser's forward + backward FLOPs for one sample of the case (or of `frames` frames), as the
+    pre-training stage counts them for its throughput log."""
     bundle = build(case, device)
-    shape = case.latents or bundle.latent_shape(frames or case.frames, case.resolution)
-    x = torch.randn(1, *shape, device=device)
-    hidden, pooled = bundle.encode_text(["a red circle moving left"])
-    t = torch.tensor([500], device=device)
-    return measure_flops(bundle.denoiser, lambda: bundle.denoise(x, t, hidden, pooled), lambda y: y.sum())
+    return denoiser_flops(bundle, case.latents or bundle.latent_shape(frames or case.frames, case.resolution), device)
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -17,6 +17,30 @@ from .guard import LossGuard
 from .optim import adamw_with_schedule, guarded_step
 
 
+def denoiser_flops(bundle: ModelBundle, latent_shape: tuple[int, int, int, int], device: torch.device) -> int:
+    """The denoiser's forward + backward FLOPs on one sample of `latent_shape` (C, F, h, w), counted by
+    torch's FlopCounterMode.
+
+    Not Lightning's `measure_flops`: its `backward()` would add to the gradients being accumulated;
+    `autograd.grad` leaves them alone. The text encoder and VAE are not counted. A compiled denoiser
+    (`stage.compile`, nn.Module.compile) is counted through its eager forward: torch.compile first
+    called under a dispatch mode would leave the module eager for good.
+    """
+    d = bundle.denoiser
+    x = torch.zeros(1, *latent_shape, device=device)
+    with torch.no_grad():
+        cond = bundle.encode_text([""])
+    params = [p for p in d.parameters() if p.requires_grad]
+    compiled, d._compiled_call_impl = d._compiled_call_impl, None
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = bundle.denoise(x, torch.full((1,), 500, device=device), *cond)
+            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+    finally:
+        d._compiled_call_impl = compiled
+    return counter.get_total_flops()
+
+
 class DenoiseStage(L.LightningModule):
     def __init__(
         self,
@@ -131,31 +155,8 @@ class DenoiseStage(L.LightningModule):
             p = self.curriculum.phases[phase]
             cached = "latents" in batch
             shape = batch["latents"].shape[1:] if cached else self.bundle.latent_shape(p.frames, p.resolution)
-            self.phase_flops[phase] = self.sample_flops(tuple(shape))
+            self.phase_flops[phase] = denoiser_flops(self.bundle, tuple(shape), self.device)
         self.flops_per_batch = self.phase_flops[phase] * len(batch["caption"])
-
-    def sample_flops(self, latent_shape: tuple[int, int, int, int]) -> int:
-        """The denoiser's forward + backward FLOPs on one sample of `latent_shape` (C, F, h, w), counted by
-        torch's FlopCounterMode.
-
-        Not Lightning's `measure_flops`: its `backward()` would add to the gradients being accumulated;
-        `autograd.grad` leaves them alone. The text encoder and VAE are not counted. A compiled denoiser
-        (`stage.compile`, nn.Module.compile) is counted through its eager forward: torch.compile first
-        called under a dispatch mode would leave the module eager for good.
-        """
-        b, d = self.bundle, self.bundle.denoiser
-        x = torch.zeros(1, *latent_shape, device=self.device)
-        with torch.no_grad():
-            cond = b.encode_text([""])
-        params = [p for p in d.parameters() if p.requires_grad]
-        compiled, d._compiled_call_impl = d._compiled_call_impl, None
-        try:
-            with FlopCounterMode(display=False) as counter:
-                out = b.denoise(x, torch.full((1,), 500, device=self.device), *cond)
-                torch.autograd.grad(out.float().sum(), params, allow_unused=True)
-        finally:
-            d._compiled_call_impl = compiled
-        return counter.get_total_flops()
 
     # -- state beyond weights and optimizer ---------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
