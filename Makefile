@@ -2,6 +2,7 @@
 # make test: set up .venv, run the test suite and the smoke recipe (every stage for a few steps).
 # make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
 # make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
+# make distributed: every training stage under DDP and FSDP on two CPU processes, LoRA and full fine-tuning.
 # make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table);
 # BENCH_ARGS=--gpu for the real-size cases on a CUDA device.
 PYTHON ?= python3
@@ -16,7 +17,7 @@ COMPARE_ARGS ?=             # e.g. --queries 960 -- reward=colour
 BENCH_ARGS ?=               # e.g. --case tiny_video --steps 50
 PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install demo test smoke vader-report compare bench clean
+.PHONY: install demo test smoke distributed vader-report compare bench clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +46,9 @@ bench: install
 test: install
 	$(PY) -m pytest -q
 	$(MAKE) smoke
+
+distributed: install
+	$(PY) -m pytest -q -m "" tests/test_distributed.py
 
 smoke: install
 	rm -rf outputs/smoke

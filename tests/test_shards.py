@@ -49,11 +49,26 @@ def test_each_run_is_deterministic_and_reads_many_clips(synthetic_shards):
     assert len(set(seen)) > 60  # many distinct clips, not one repeated batch
 
 
-def test_ranks_read_disjoint_samples(synthetic_shards):
+@pytest.mark.parametrize("split", ["global", "rank"])
+def test_ranks_read_disjoint_samples_and_halve_the_global_batch(synthetic_shards, split):
     urls = list_shards(synthetic_shards)
-    r0 = {c for b in batches(urls, 4, rank=0, world_size=2) for c in b["caption"]}
-    r1 = {c for b in batches(urls, 4, rank=1, world_size=2) for c in b["caption"]}
+    b0, b1 = (batches(urls, 4, rank=r, world_size=2, split=split) for r in (0, 1))
+    assert [len(b["caption"]) for b in b0 + b1] == [3, 3, 3, 2] * 2  # global batches 6, then 4
+    r0, r1 = ({c for b in out for c in b["caption"]} for out in (b0, b1))
     assert r0 and r1 and not (r0 & r1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_global_split_gives_every_world_size_the_same_global_batches(synthetic_shards, workers):
+    """Two ranks' slices of each batch, put together, are the one-process batch: same clips, same order."""
+    urls = list_shards(synthetic_shards)
+    one = batches(urls, 6, split="global")
+    ranks = [batches(urls, 6, rank=r, world_size=2, workers=workers, split="global") for r in (0, 1)]
+    for b, (r0, r1) in enumerate(zip(*ranks)):
+        assert r0["caption"] + r1["caption"] == one[b]["caption"]
+        assert torch.equal(torch.cat([r0["video"], r1["video"]]), one[b]["video"])
+    resumed = batches(urls, 3, start=3, rank=1, world_size=2, split="global")  # resume on the other world size
+    assert [b["caption"] for b in resumed] == [b["caption"][len(b["caption"]) // 2:] for b in one[3:]]
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, synthetic_shards):

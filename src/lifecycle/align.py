@@ -18,7 +18,7 @@ from .models import build_bundle
 from .models.memory import enable_gradient_checkpointing, freeze_to_dtype
 from .rewards.base import build_reward
 from .stages.vader import VaderStage
-from .train import build_trainer, export, lineage, make_trainable, resume_checkpoint
+from .train import build_trainer, export_trained, lineage, make_trainable, resume_checkpoint, trainable_bundle
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,7 +63,7 @@ def vader(cfg: DictConfig) -> dict:
                          {"frames": s.frames, "resolution": s.resolution, "images": images, "clips": s.clips})
     trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
-    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     fit_seconds = round(time.time() - start, 1)
 
@@ -73,11 +73,11 @@ def vader(cfg: DictConfig) -> dict:
     result = {"steps": trainer.global_step, "fit_seconds": fit_seconds,
               **{f"{tag}/{name}/reward": rows[name]["reward"] for tag, rows in (("before", before), ("after", after))
                  for name in rows}}
+    if dtype is not None:  # frozen weights were stored in half precision for training; export in fp32
+        bundle.float()
+    data = {name: cfg.prompts[name] for name in ("train", "test")}
+    export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
+                   lineage(cfg, run_dir, trainer.global_step, data), lora=s.export)
     if trainer.is_global_zero:
-        table = write_table({"before": before, "after": after}, run_dir / "report")
-        if dtype is not None:  # frozen weights were stored in half precision for training; export in fp32
-            bundle.float()
-        data = {name: cfg.prompts[name] for name in ("train", "test")}
-        export(bundle, run_dir / "export", lineage(cfg, run_dir, trainer.global_step, data), lora=s.export)
-        log.info("reward before/after alignment:\n%s", table)
+        log.info("reward before/after alignment:\n%s", write_table({"before": before, "after": after}, run_dir / "report"))
     return result

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.shards import SPLITS
 from .diffusion.noise import FLOW_T_SCHEMES, PREDICTION_KINDS
 
 
@@ -51,6 +52,7 @@ class ModelSchema:
 @dataclass
 class DataSchema:
     shards: str = "???"
+    split: str = "global"  # global | rank: how ranks share the stream (data/shards.py)
     num_workers: int = 1
     shuffle_buffer: int = 256
     generate: Any = None
@@ -339,6 +341,18 @@ class RewardModelStageSchema:
 
 
 @dataclass
+class LatentCacheStageSchema:
+    name: str = "???"
+    run: str = "???"
+    out: str = "???"  # the cache folder, then data.shards of pre-training / SFT
+    frames: int = 8
+    resolution: int = 32
+    batch_size: int = 32  # clips encoded at once
+    samples_per_shard: int = 1000
+    dtype: str = "float32"  # float32 | float16: how latents and embeddings are stored
+
+
+@dataclass
 class ToolStageSchema:
     name: str = "???"
     run: str = "???"
@@ -355,7 +369,7 @@ class EvaluateStageSchema:
 
 
 STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
-                 "synthetic": ToolStageSchema, "dpo": DPOStageSchema, "ddpo": DDPOStageSchema,
+                 "synthetic": ToolStageSchema, "latent_cache": LatentCacheStageSchema, "dpo": DPOStageSchema, "ddpo": DDPOStageSchema,
                  "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema,
                  "evaluate": EvaluateStageSchema}
 SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema}
@@ -396,10 +410,13 @@ def validate(cfg: DictConfig) -> DictConfig:
     if not pretrained and cfg.model.denoiser is None:
         raise ConfigError("model.denoiser: set it, or model.pretrained")
     resume = cfg.trainer.resume
-    if resume not in (None, "last") and not os.path.isfile(resume):
+    if resume not in (None, "last") and not os.path.exists(resume):
         raise ConfigError(f"trainer.resume: no checkpoint at {resume!r} (use 'last' or a .ckpt path)")
     if not os.path.exists(cfg.data.shards) and cfg.data.generate is None:
         raise ConfigError(f"data.shards: {cfg.data.shards!r} does not exist (and data.generate is not set)")
+    _choice("data.split", cfg.data.split, SPLITS)
+    if schema is LatentCacheStageSchema:
+        _choice("stage.dtype", cfg.stage.dtype, ("float32", "float16"))
 
     if schema is DenoiseStageSchema:
         obj = cfg.stage.objective

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,6 +19,8 @@ from .callbacks.samples import SampleVideos
 from .config import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
+from .data.latent_cache import check_cache, read_manifest
+from .distributed import FSDP2Strategy, gather_bundle, is_sharded_checkpoint
 from .loggers import drop_rows_from
 from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
@@ -72,12 +75,30 @@ def make_trainable(bundle, lora: DictConfig | None) -> None:
     add_lora(bundle.denoiser, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, **kwargs)
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """`trainer.resume` for Lightning; metrics rows logged past that checkpoint are dropped (the resumed run logs them again)."""
+def trainable_bundle(model: DictConfig, lora: DictConfig | None):
+    """The configured bundle with its denoiser's trainable weights chosen (LoRA, or all when `lora` is null)."""
+    bundle = build_bundle(model)
+    make_trainable(bundle, lora)
+    return bundle
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path, trainer: L.Trainer) -> str | None:
+    """`trainer.resume` for Lightning; metrics rows logged past that checkpoint are dropped (the resumed run logs them again).
+
+    A sharded checkpoint (a folder, from `trainer=fsdp`) resumes only under `trainer=fsdp`, on any number of ranks.
+    """
     ckpt_path = cfg.trainer.resume
     resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path or "")
-    if ckpt_path and resolved.is_file():
-        drop_rows_from(run_dir / "metrics.csv", torch.load(resolved, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    if not ckpt_path or not resolved.exists():
+        return ckpt_path
+    sharded = is_sharded_checkpoint(resolved)
+    if sharded != isinstance(trainer.strategy, FSDP2Strategy):
+        raise ConfigError(f"trainer.resume: {resolved} is a {'sharded' if sharded else 'single-file'} checkpoint; "
+                          f"resume it with {'trainer=fsdp' if sharded else 'a non-FSDP trainer'}")
+    meta = resolved / _METADATA_FILENAME if sharded else resolved
+    step = torch.load(meta, map_location="cpu", mmap=not sharded, weights_only=False)["global_step"]
+    if trainer.is_global_zero:
+        drop_rows_from(run_dir / "metrics.csv", step)
     return ckpt_path
 
 
@@ -99,16 +120,26 @@ def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
     staging.rename(path)
 
 
+def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dict, lora: str = "merge") -> None:
+    """`export` on rank 0 after training; a sharded (`trainer=fsdp`) bundle is first gathered into `rebuild()`,
+    an unsharded bundle of the same structure, so every rank must call this."""
+    if isinstance(trainer.strategy, FSDP2Strategy):
+        bundle = gather_bundle(bundle, rebuild)
+    if trainer.is_global_zero:
+        export(bundle, path, lineage, lora=lora)
+        log.info("exported %s", path)
+
+
 def fit(cfg: DictConfig) -> dict:
     """`stage=pretrain`: train the denoiser over the curriculum, export the EMA bundle, sample videos."""
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     s = cfg.stage
     curriculum = Curriculum(OmegaConf.to_container(s.curriculum, resolve=True))
-    bundle = build_bundle(cfg.model)
+    bundle = trainable_bundle(cfg.model, s.lora)
     check_frames(bundle, curriculum)
-    if s.lora is not None:
-        make_trainable(bundle, s.lora)
+    if (cache := read_manifest(cfg.data.shards)) is not None:
+        check_cache(cache, bundle, curriculum.phases, s.train_text_encoder)
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(bundle.denoiser)
     if s.compile:  # nn.Module.compile keeps the module's class and state-dict keys: dispatch and export unchanged
@@ -124,7 +155,7 @@ def fit(cfg: DictConfig) -> dict:
     data = ShardDataModule(
         cfg.data.shards, curriculum, seed=cfg.seed, num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer, accumulate=s.accumulate, generate=cfg.data.generate,
-        select=OmegaConf.to_container(s.select) if s.select else None,
+        select=OmegaConf.to_container(s.select) if s.select else None, split=cfg.data.split,
     )
     last = curriculum.phases[-1]
     samples = SampleVideos(
@@ -137,12 +168,11 @@ def fit(cfg: DictConfig) -> dict:
                                    window_size=cfg.trainer.throughput_window)
     trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples, throughput) if c is not None], max_steps)
     start = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
-    if trainer.is_global_zero:
-        with ema.swapped(module) if ema else nullcontext():
-            export(bundle, run_dir / "export", lineage(cfg, run_dir, trainer.global_step, cfg.data.shards), lora=s.export)
-        log.info("exported %s; %s", run_dir / "export", result)
+    with ema.swapped(module) if ema else nullcontext():
+        export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
+                       lineage(cfg, run_dir, trainer.global_step, cfg.data.shards), lora=s.export)
     return result
 

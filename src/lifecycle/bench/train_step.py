@@ -185,7 +185,7 @@ def run_lifecycle(case: Case, steps: int, warmup: int, device: torch.device) -> 
                                      "fused": device.type == "cuda"},
                           lr_scheduler={"name": "constant", "warmup_steps": 0},
                           guard={"action": "skip", "spike_factor": 10.0, "ema_beta": 0.98, "warmup": 20},
-                          gradient_clip=1.0, max_steps=total)
+                          gradient_clip=1.0, max_steps=total, latent_shapes=[case.latents] if case.latents else None)
     clock = _Clock()
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision(device), max_steps=total,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -1,8 +1,18 @@
 """Webdataset shards -> curriculum batches, deterministic and resumable at any batch.
 
-Each DataLoader worker (on each rank) owns a slot and reads a fixed, seeded stream of samples;
-batch b comes from slot b mod slots, so the batch sequence depends only on the seed and the
-shards. Resuming at batch b skips the samples earlier batches used, before any decoding.
+A curriculum phase's `batch_size` is the global batch; each of the world's ranks gets an equal
+slice of it. Batch b of a rank comes from DataLoader worker b mod workers. Two ways to split:
+
+- `global`: one seeded sample stream for the whole run; global batch b is the next `batch_size`
+  samples of it and rank r takes the r-th slice. Every worker reads every shard but decodes only
+  its own samples. The batches do not depend on the number of ranks or workers, so a run on N
+  ranks sees what a one-process run with the same global batch sees, and resuming on a different
+  world size continues the same stream.
+- `rank`: each worker of each rank reads its own subset of the shards (whole shards when there
+  are enough, else every slots-th sample). Nothing is read twice: the choice for big datasets.
+  The batches depend on the world size and worker count.
+
+Resuming at batch b skips the samples earlier batches used, before any decoding.
 """
 
 import glob
@@ -26,6 +36,7 @@ from .video_io import decode_video
 
 log = logging.getLogger(__name__)
 VIDEO_KEYS = ("npy", "mp4", "webm", "gif", "avi", "mov")
+CACHE_KEYS = {"latents": "latents.npy", "latents_std": "std.npy", "hidden": "hidden.npy", "pooled": "pooled.npy"}
 
 
 def list_shards(spec: str, key: str = "data.shards") -> list[str]:
@@ -42,8 +53,12 @@ def list_shards(spec: str, key: str = "data.shards") -> list[str]:
     return urls
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, str, dict]:
-    """A raw webdataset sample -> (uint8 video (F, H, W, 3), caption, metadata)."""
+def decode_sample(sample: dict) -> tuple[np.ndarray | dict, str, dict]:
+    """A raw webdataset sample -> (uint8 video (F, H, W, 3), caption, metadata); a latent-cache sample
+    (data/latent_cache.py) -> ({latents, [latents_std], hidden, pooled} arrays, caption, metadata)."""
+    if CACHE_KEYS["latents"] in sample:
+        meta = json.loads(sample["json"])
+        return {k: np.load(io.BytesIO(sample[v])) for k, v in CACHE_KEYS.items() if v in sample}, meta["caption"], meta
     key = next((k for k in VIDEO_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"sample {sample.get('__key__')}: no video ({'/'.join(VIDEO_KEYS)})")
@@ -67,19 +82,25 @@ def resize_clip(video: np.ndarray, frames: int, size: int) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+SPLITS = ("global", "rank")
+
+
 class CurriculumStream(IterableDataset):
-    """Yields batches {video (B, F, 3, H, W), caption, phase, skipped} for batch indices start_batch, start_batch+1, ...
+    """Yields this rank's batches {video (B, F, 3, H, W), caption, phase, skipped} for batch indices
+    start_batch, start_batch+1, ...
 
     Batch b belongs to optimizer step b // accumulate, whose curriculum phase fixes its
-    resolution, frame count and batch size. Corrupt samples are skipped and counted; `select`
-    (a `Selection`) keeps only a curated subset.
+    resolution, frame count and (global) batch size. Corrupt samples are skipped and counted;
+    `select` (a `Selection`) keeps only a curated subset.
     """
 
     def __init__(self, urls, curriculum: Curriculum, seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 256,
-                 accumulate: int = 1, rank: int = 0, world_size: int = 1, select=None):
+                 accumulate: int = 1, rank: int = 0, world_size: int = 1, select=None, split: str = "global"):
+        if split not in SPLITS:
+            raise ValueError(f"data.split: {split!r} is not one of {list(SPLITS)}")
         self.urls, self.curriculum, self.seed, self.select = list(urls), curriculum, seed, select
         self.start_batch, self.shuffle_buffer, self.accumulate = start_batch, shuffle_buffer, accumulate
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.split = rank, world_size, split
         self.skipped = 0
 
     def _on_error(self, exc: Exception) -> bool:
@@ -117,28 +138,55 @@ class CurriculumStream(IterableDataset):
             except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
                 self._on_error(exc)
 
-    def _batch_size(self, b: int) -> int:
-        return self.curriculum.at(b // self.accumulate).batch_size
+    def _phase(self, b: int) -> int:
+        return self.curriculum.index_at(b // self.accumulate)
+
+    def _global_size(self, b: int) -> int:
+        return self.curriculum.phases[self._phase(b)].batch_size
+
+    def _rank_size(self, b: int) -> int:
+        return self._global_size(b) // self.world_size
+
+    def _rank_batches(self, workers: int, worker: int):
+        """(b, samples) for this worker's batches, read from its own slot of the shards."""
+        slots = workers * self.world_size
+        raw = self._raw(self.rank * workers + worker, slots)
+        if self.select is not None:
+            raw = self._selected(raw)
+        used = sum(self._rank_size(b) for b in range(worker, self.start_batch, workers))
+        samples = self._decoded(itertools.islice(raw, used, None))
+        for b in itertools.count(self.start_batch + (worker - self.start_batch) % workers, workers):
+            yield b, list(itertools.islice(samples, self._rank_size(b)))
+
+    def _global_batches(self, workers: int, worker: int):
+        """(b, samples) for this worker's batches: rank r's slice of global batch b of the run's one stream."""
+        raw = self._raw(0, 1)
+        if self.select is not None:
+            raw = self._selected(raw)
+        first = self.start_batch + (worker - self.start_batch) % workers
+        offset = sum(self._global_size(b) for b in range(first))  # stream position where batch `first` starts
+        pos = 0
+        for b in itertools.count(first, workers):
+            n = self._rank_size(b)
+            start = offset + self.rank * n
+            for _ in itertools.islice(raw, max(start - pos, 0)):  # other ranks' and workers' samples, undecoded
+                pass
+            pos = max(pos, start)
+            items = []
+            while len(items) < n:  # a corrupt sample is replaced by the next one
+                pos += 1
+                items.extend(self._decoded([next(raw)]))
+            yield b, items
+            offset += sum(self._global_size(c) for c in range(b, b + workers))
 
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        slots, slot = workers * self.world_size, self.rank * workers + worker
-        # batches b = slot, slot + slots, ... come from this slot; skip those before start_batch
-        raw = self._raw(slot, slots)
-        if self.select is not None:
-            raw = self._selected(raw)
-        used = sum(self._batch_size(b) for b in range(slot, self.start_batch, slots))
-        samples = self._decoded(itertools.islice(raw, used, None))
-        first = self.start_batch + (slot - self.start_batch) % slots
-        for b in itertools.count(first, slots):
-            phase = self.curriculum.index_at(b // self.accumulate)
-            p = self.curriculum.phases[phase]
-            items = list(itertools.islice(samples, p.batch_size))
-            yield {
-                "video": torch.stack([resize_clip(v, p.frames, p.resolution) for v, _, _ in items]),
-                "caption": [c for _, c, _ in items],
-                "phase": phase,
-                "skipped": self.skipped,
-            }
-
+        split = self._global_batches if self.split == "global" else self._rank_batches
+        for b, items in split(workers, worker):
+            p = self.curriculum.phases[self._phase(b)]
+            if isinstance(items[0][0], dict):  # a latent cache: stored tensors, already at the phase's size
+                tensors = {k: torch.from_numpy(np.stack([x[k] for x, _, _ in items])).float() for k in items[0][0]}
+            else:
+                tensors = {"video": torch.stack([resize_clip(v, p.frames, p.resolution) for v, _, _ in items])}
+            yield {**tensors, "caption": [c for _, c, _ in items], "phase": self._phase(b), "skipped": self.skipped}

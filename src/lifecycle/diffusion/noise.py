@@ -153,6 +153,11 @@ def offset_noise(noise: Tensor, strength: float, generator: torch.Generator | No
     return noise + strength * offset
 
 
+def per_sample(draw, generators: list[torch.Generator]) -> Tensor:
+    """torch.cat of draw(g) over one generator per sample: each sample's random draws come from its own stream."""
+    return torch.cat([draw(g) for g in generators])
+
+
 def sample_timesteps(
     batch: int,
     num_train_timesteps: int,

@@ -24,6 +24,7 @@ from diffusers import (
     UNet3DConditionModel,
     UNetSpatioTemporalConditionModel,
 )
+from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoTokenizer
@@ -120,20 +121,28 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
             return mean, 1.0 / torch.tensor(cfg.latents_std).view(shape)
         return cfg.get("shift_factor") or 0.0, cfg.get("scaling_factor", 1.0)
 
-    def encode_video(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, F, C, H, W) in [0, 1] -> latents (B, C, F, h, w)."""
+    def encode_video(self, video: torch.Tensor, generator: torch.Generator | list | None = None) -> torch.Tensor:
+        """(B, F, C, H, W) in [0, 1] -> latents (B, C, F, h, w), a draw from the VAE posterior; `generator`:
+        one, or one per sample."""
+        if self.vae is None:
+            return self.encode_posterior(video)[0]
+        return sample_posterior(*self.encode_posterior(video), generator)
+
+    def encode_posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, F, C, H, W) in [0, 1] -> the VAE posterior's (mean, std) in normalized latent units, each
+        (B, C, F, h, w); in pixel space (no VAE) the pixels in [-1, 1] and a zero std."""
         x = video.permute(0, 2, 1, 3, 4) * 2 - 1
         if self.vae is None:
-            return x
+            return x, torch.zeros_like(x)
         b, c, f, h, w = x.shape
         if isinstance(self.vae, FRAMEWISE_VAES):
-            frames = x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-            z = self.vae.encode(frames).latent_dist.sample(generator)
-            z = z.reshape(b, f, *z.shape[1:]).permute(0, 2, 1, 3, 4)
+            dist = self.vae.encode(x.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)).latent_dist
+            mean, std = (t.reshape(b, f, *t.shape[1:]).permute(0, 2, 1, 3, 4) for t in (dist.mean, dist.std))
         else:
-            z = self.vae.encode(x).latent_dist.sample(generator)
+            dist = self.vae.encode(x).latent_dist
+            mean, std = dist.mean, dist.std
         shift, scale = self._latent_norm()
-        return (z - _to(shift, z)) * _to(scale, z)
+        return (mean - _to(shift, mean)) * _to(scale, mean), std * _to(scale, std)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, F, h, w) -> video (B, F, C, H, W) in [0, 1]."""
@@ -268,6 +277,11 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
             raise ValueError(f"{path_or_id}: model_index.json lacks {missing or ['unet or transformer']}")
         return cls(denoiser, found.get("text_encoder"), found.get("tokenizer"), found["scheduler"], found.get("vae"),
                    image_encoder=found.get("image_encoder"))
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | list | None = None):
+    """mean + std·ε: ε ~ N(0, I) from `generator`, or with one generator per sample, each sample's ε from its own."""
+    return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
 def _to(v, like: torch.Tensor):

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from ..callbacks.reward_curve import reward_curve
 from ..config import ConfigError
 from ..data.prompts import PromptStream, load_prompts
+from ..distributed import shard
 from ..diffusion.ddpo import (
     PerPromptStatTracker,
     ddpo_scheduler,
@@ -44,7 +45,7 @@ from ..metrics.reward_table import evaluate, write_table
 from ..models import ModelBundle, build_bundle
 from ..models.memory import enable_gradient_checkpointing
 from ..rewards.base import Reward, build_reward
-from ..train import build_trainer, export, lineage, make_trainable, resume_checkpoint
+from ..train import build_trainer, export_trained, lineage, make_trainable, resume_checkpoint, trainable_bundle
 from .optim import adamw_with_schedule, check_trainable, keep_trainable
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,10 @@ class DDPOStage(L.LightningModule):
                               rank=self.global_rank, world_size=self.trainer.world_size)
         return DataLoader(_Repeat(stream, self.updates_per_epoch), batch_size=None)
 
+    def configure_model(self) -> None:
+        """`trainer=fsdp`: shard the denoiser (the frozen text encoder, VAE and reward stay whole on every rank)."""
+        shard(self, [self.bundle.denoiser])
+
     def configure_optimizers(self):
         return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.trainer.max_steps)
 
@@ -267,7 +272,7 @@ def run(cfg: DictConfig) -> dict:
                          {"frames": s.frames, "resolution": s.resolution})
     trainer = build_trainer(trainer_cfg, run_dir, curve, s.epochs * per_epoch)
     start = time.time()
-    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     fit_seconds = round(time.time() - start, 1)
 
@@ -277,10 +282,10 @@ def run(cfg: DictConfig) -> dict:
               "fit_seconds": fit_seconds,
               **{f"{tag}/{name}/reward": rows[name]["reward"] for tag, rows in (("before", before), ("after", after))
                  for name in rows}}
+    data = {name: cfg.prompts[name] for name in ("train", "test")}
+    export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
+                   lineage(cfg, run_dir, trainer.global_step, data, reward_queries=module.reward_queries), lora=s.export)
     if trainer.is_global_zero:
-        table = write_table({"before": before, "after": after}, run_dir / "report", method="DDPO")
-        data = {name: cfg.prompts[name] for name in ("train", "test")}
-        export(bundle, run_dir / "export",
-               lineage(cfg, run_dir, trainer.global_step, data, reward_queries=module.reward_queries), lora=s.export)
-        log.info("reward before/after DDPO:\n%s", table)
+        log.info("reward before/after DDPO:\n%s", write_table({"before": before, "after": after}, run_dir / "report",
+                                                               method="DDPO"))
     return result

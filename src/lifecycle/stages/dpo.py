@@ -28,12 +28,13 @@ from ..config import ConfigError
 from ..data.preferences import PairDataModule, read_manifest
 from ..data.prompts import load_prompts
 from ..diffusion import noise as nz
+from ..distributed import shard
 from ..diffusion.dpo import DPOTerms, dpo_loss
 from ..metrics.reward_table import evaluate, write_table
 from ..models import ModelBundle, build_bundle
 from ..models.lora import has_lora
 from ..rewards.base import build_reward
-from ..train import build_trainer, export, lineage, make_trainable, resume_checkpoint
+from ..train import build_trainer, export_trained, lineage, make_trainable, resume_checkpoint, trainable_bundle
 from .guard import LossGuard
 from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable
 
@@ -143,13 +144,13 @@ class DPOStage(L.LightningModule):
         terms = self.dpo_terms(batch, self.step_generator())
         loss = terms.loss
         self.batches_seen += 1
-        grad_norm = guarded_step(self, loss, self.guard, self.accumulate, self.gradient_clip)
+        grad_norm, mean_loss = guarded_step(self, loss, self.guard, self.accumulate, self.gradient_clip)
         if grad_norm is None:
             return
         self.log_dict(
             {
-                "train/loss": loss.detach(),
-                "train/loss_ema": self.guard.update(loss.item()),
+                "train/loss": mean_loss,
+                "train/loss_ema": self.guard.update(mean_loss.item()),
                 "train/implicit_accuracy": terms.accuracy,
                 "train/reward_margin": terms.margin,
                 "train/reward_chosen": terms.reward_chosen,
@@ -161,7 +162,11 @@ class DPOStage(L.LightningModule):
             },
             on_step=True,
         )
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        self.log("loss", mean_loss, prog_bar=True, logger=False)
+
+    def configure_model(self) -> None:
+        """`trainer=fsdp`: shard the denoiser, and the frozen reference copy (full fine-tuning) like it."""
+        shard(self, [self.bundle.denoiser, *([self.reference.denoiser] if self.reference is not None else [])])
 
     def configure_optimizers(self):
         return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.max_steps)
@@ -217,7 +222,7 @@ def run(cfg: DictConfig) -> dict:
                              {"frames": s.frames, "resolution": s.resolution}, offset)
     trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
-    trainer.fit(module, datamodule=pairs, ckpt_path=resume_checkpoint(cfg, run_dir))
+    trainer.fit(module, datamodule=pairs, ckpt_path=resume_checkpoint(cfg, run_dir, trainer))
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1)}
 
@@ -226,8 +231,8 @@ def run(cfg: DictConfig) -> dict:
         rows["after"] = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "after", settings,
                                  write=trainer.is_global_zero)
         result.update({f"{tag}/{name}/reward": r[name]["reward"] for tag, r in rows.items() for name in r})
-    if trainer.is_global_zero:
-        if rows:
-            log.info("reward before/after Diffusion-DPO:\n%s", write_table(rows, run_dir / "report", "Diffusion-DPO"))
-        export(bundle, run_dir / "export", lineage(cfg, run_dir, trainer.global_step, s.pairs), lora=s.export)
+    if trainer.is_global_zero and rows:
+        log.info("reward before/after Diffusion-DPO:\n%s", write_table(rows, run_dir / "report", "Diffusion-DPO"))
+    export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
+                   lineage(cfg, run_dir, trainer.global_step, s.pairs), lora=s.export)
     return result

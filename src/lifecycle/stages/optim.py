@@ -23,23 +23,26 @@ def adamw_with_schedule(module: nn.Module, optimizer: dict, lr_scheduler: dict, 
 def guarded_step(module, loss: torch.Tensor, guard, accumulate: int = 1, gradient_clip: float | None = None):
     """Backward, clip and step, unless the guard rejects the loss or the gradient norm.
 
-    Call after counting the batch in `module.batches_seen`; with accumulation the weights move every
-    `accumulate` batches. Returns the gradient norm when the weights moved, else None.
+    The guard judges the loss averaged over ranks (and the gradient norm, which every rank shares),
+    so all ranks take the same decision. Call after counting the batch in `module.batches_seen`;
+    with accumulation the weights move every `accumulate` batches. Returns (gradient norm, or None
+    when the weights did not move; the rank-mean loss).
     """
     opt, sched = module.optimizers(), module.lr_schedulers()
-    if guard.reject(guard.problem(loss.item()), module.global_step, opt, module.print):
-        return None
+    mean_loss = module.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+    if guard.reject(guard.problem(mean_loss.item()), module.global_step, opt, module.print):
+        return None, mean_loss
     module.manual_backward(loss / accumulate)
     if module.batches_seen % accumulate:
-        return None
+        return None, mean_loss
     params = [p for p in module.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip or math.inf, foreach=True)
     if guard.reject(guard.problem(grad_norm.item(), "gradient norm"), module.global_step, opt, module.print):
-        return None
+        return None, mean_loss
     opt.step()
     opt.zero_grad(set_to_none=True)
     sched.step()
-    return grad_norm
+    return grad_norm, mean_loss
 
 
 def keep_trainable(module, checkpoint: dict) -> None:

@@ -128,7 +128,7 @@ def run(cfg: DictConfig) -> dict:
         batches = pair_batches(s.pairs, s.eval_batch_size, frames, resolution, split="val", val_fraction=s.val_fraction)
         return pair_accuracy(reward, batches, device)
 
-    ckpt_path = resume_checkpoint(cfg, run_dir)
+    ckpt_path = resume_checkpoint(cfg, run_dir, trainer)
     last = run_dir / "checkpoints" / "last.ckpt"
     resuming = ckpt_path not in (None, "last") or (ckpt_path == "last" and last.is_file())
     before = evaluate()

@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 
 from ..data.prompts import PromptStream
+from ..distributed import shard
 from ..diffusion.sampling import sample
 from ..models import ModelBundle
 from ..models.memory import offload_activations
@@ -179,6 +180,10 @@ class VaderStage(L.LightningModule):
         stream = PromptStream(self.prompts, self.batch_size, seed=self.seed, start_batch=self.batches_seen,
                               rank=self.global_rank, world_size=self.trainer.world_size)
         return DataLoader(stream, batch_size=None)
+
+    def configure_model(self) -> None:
+        """`trainer=fsdp`: shard the denoiser (the frozen text encoder, VAE and reward stay whole on every rank)."""
+        shard(self, [self.bundle.denoiser])
 
     def configure_optimizers(self):
         return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.trainer.max_steps)
