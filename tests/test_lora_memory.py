@@ -24,7 +24,7 @@ TINY_FOLDED = [
     "model.denoiser.unet_config.attention_head_dim=4",
     "model.text_encoder.config.num_hidden_layers=1",
 ]
-BUNDLES = {"tiny_video": TINY_FOLDED, "tiny_unet3d": [], "tiny_wan": [], "tiny_image": []}
+BUNDLES = {"tiny_video": TINY_FOLDED, "tiny_unet3d": [], "tiny_wan": [], "tiny_image": [], "tiny_dit": []}
 DENOISERS = [*BUNDLES, "svd"]
 TINY_SVD = dict(
     in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
@@ -39,6 +39,7 @@ PROBES = {
     "tiny_unet3d": ["down_blocks.0.resnets.0", "mid_block.resnets.0", "up_blocks.1.attentions.0"],
     "tiny_wan": ["blocks.0", "blocks.1"],
     "tiny_image": ["down_blocks.0.resnets.0", "up_blocks.1.resnets.0"],
+    "tiny_dit": ["transformer_blocks.0", "transformer_blocks.1"],
     "svd": ["down_blocks.0.resnets.0", "up_blocks.1.resnets.0"],
 }
 
