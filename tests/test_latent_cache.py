@@ -42,6 +42,11 @@ def cache(tmp_path_factory, synthetic_shards):
                       shards=synthetic_shards)
     assert write(cfg) == {"samples": 160, "skipped": 0}
     assert write(cfg) == {"samples": 160, "skipped": 0}  # written once; a second run finds it
+    (root / "taken").mkdir()
+    with pytest.raises(ConfigError, match="stage.out: .* is not a latent cache"):
+        write(compose_cfg(root / "run", "stage=latent_cache", f"stage.out={root / 'taken'}", shards=synthetic_shards))
+    with pytest.raises(ConfigError, match="data.shards: .* is already a latent cache"):
+        write(compose_cfg(root / "run", "stage=latent_cache", f"stage.out={root / 'again'}", shards=root / "cache"))
     return root / "cache", cfg
 
 

@@ -246,7 +246,7 @@ def flops_per_sample(case: Case, device: torch.device, frames: int | None = None
     """The denoiser's forward + backward FLOPs for one sample of the case (or of `frames` frames), as the
     pre-training stage counts them for its throughput log."""
     bundle = build(case, device)
-    return denoiser_flops(bundle, case.latents or bundle.latent_shape(frames or case.frames, case.resolution), device)
+    return denoiser_flops(bundle, case.latents or bundle.latent_shape(frames or case.frames, case.resolution))
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -79,6 +79,8 @@ def write(cfg) -> dict:
     if (done := read_manifest(out)) is not None:
         log.info("latent cache %s exists (%d clips): nothing to do", out, done["samples"])
         return {k: done[k] for k in ("samples", "skipped")}
+    if out.exists():
+        raise ConfigError(f"stage.out: {out} exists and is not a latent cache (no {MANIFEST}); choose a new folder")
     if cfg.data.generate is not None and not Path(cfg.data.shards).exists():  # the embedded default's videos
         instantiate(cfg.data.generate)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") else "cpu")

@@ -20,7 +20,7 @@ from .guard import LossGuard
 from .optim import adamw_with_schedule, guarded_step
 
 
-def denoiser_flops(bundle: ModelBundle, latent_shape: tuple[int, int, int, int], device: torch.device) -> int:
+def denoiser_flops(bundle: ModelBundle, latent_shape: tuple[int, int, int, int]) -> int:
     """The denoiser's forward + backward FLOPs on one sample of `latent_shape` (C, F, h, w), counted by
     torch's FlopCounterMode on fake tensors: nothing is computed, whatever the model's size.
 
@@ -30,6 +30,7 @@ def denoiser_flops(bundle: ModelBundle, latent_shape: tuple[int, int, int, int],
     called under a dispatch mode would leave the module eager for good.
     """
     d = bundle.denoiser
+    device = next(d.parameters()).device  # where the weights are (a module's `.device` may not know yet)
     with torch.no_grad():
         cond = bundle.encode_text([""])
     params = [p for p in d.parameters() if p.requires_grad]
@@ -165,7 +166,7 @@ class DenoiseStage(L.LightningModule):
     # -- strategy and throughput ----------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Count each phase's denoiser FLOPs per sample (before `configure_model` shards the denoiser)."""
-        self.phase_flops = [denoiser_flops(self.bundle, shape, self.device) for shape in self.latent_shapes]
+        self.phase_flops = [denoiser_flops(self.bundle, shape) for shape in self.latent_shapes]
 
     def configure_model(self) -> None:
         """`trainer=fsdp`: shard what trains (the denoiser, and the text encoder when it trains)."""
