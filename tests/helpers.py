@@ -11,13 +11,14 @@ TINY = [
 ]
 
 
-def compose_cfg(run_dir, *overrides, shards=None):
-    """The composed, validated config the CLI would run, with `run_dir` in place of Hydra's output dir."""
+def compose_cfg(run_dir, *overrides, shards=None, tiny: bool = True):
+    """The composed, validated config the CLI would run, with `run_dir` in place of Hydra's output dir
+    (`tiny`: the TINY overrides of the default model)."""
     from hydra import compose, initialize_config_dir
 
     from lifecycle.config import validate
 
     extra = [f"data.shards={shards}", "data.generate=null"] if shards else []
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"run_dir={run_dir}", *TINY, *extra, *overrides])
+        cfg = compose("config", overrides=[f"run_dir={run_dir}", *(TINY if tiny else []), *extra, *overrides])
     return validate(cfg)

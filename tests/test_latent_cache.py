@@ -14,19 +14,13 @@ from lifecycle.models import ModelBundle, build_bundle
 from lifecycle.stages.denoise import DenoiseStage
 from lifecycle.train import fit
 
-from .helpers import CONF_DIR
+from .helpers import compose_cfg as compose_default
 
 
 def compose_cfg(run_dir, *overrides, shards):
     """The validated config of a model=tiny_image run (a VAE model) on `shards`."""
-    from hydra import compose, initialize_config_dir
+    return compose_default(run_dir, "model=tiny_image", *overrides, shards=str(shards), tiny=False)
 
-    from lifecycle.config import validate
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"run_dir={run_dir}", "model=tiny_image", f"data.shards={shards}",
-                                           "data.generate=null", *overrides])
-    return validate(cfg)
 
 PHASE = {"name": "a", "resolution": 32, "frames": 1, "batch_size": 4, "steps": 3}
 OBJECTIVE = {"loss_space": None, "min_snr_gamma": 5.0, "min_snr_floor": 0.0, "noise_offset": 0.1,

@@ -369,8 +369,8 @@ class EvaluateStageSchema:
 
 
 STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
-                 "synthetic": ToolStageSchema, "latent_cache": LatentCacheStageSchema, "dpo": DPOStageSchema, "ddpo": DDPOStageSchema,
-                 "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema,
+                 "synthetic": ToolStageSchema, "latent_cache": LatentCacheStageSchema, "dpo": DPOStageSchema,
+                 "ddpo": DDPOStageSchema, "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema,
                  "evaluate": EvaluateStageSchema}
 SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema}
 

@@ -54,10 +54,6 @@ def _blocks(module: nn.Module):
             yield from _blocks(child)
 
 
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / _METADATA_FILENAME).is_file()
-
-
 def gather_bundle(bundle: nn.Module, rebuild) -> nn.Module | None:
     """A plain (unsharded) copy of a sharded `bundle` on rank 0, None elsewhere; every rank must call it.
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +21,7 @@ from .config import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
 from .data.latent_cache import check_cache, read_manifest
-from .distributed import FSDP2Strategy, gather_bundle, is_sharded_checkpoint
+from .distributed import FSDP2Strategy, gather_bundle
 from .loggers import drop_rows_from
 from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
@@ -91,7 +92,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, trainer: L.Trainer) -> str
     resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path or "")
     if not ckpt_path or not resolved.exists():
         return ckpt_path
-    sharded = is_sharded_checkpoint(resolved)
+    sharded = _is_sharded_checkpoint(resolved)  # a folder with Lightning's meta.pt
     if sharded != isinstance(trainer.strategy, FSDP2Strategy):
         raise ConfigError(f"trainer.resume: {resolved} is a {'sharded' if sharded else 'single-file'} checkpoint; "
                           f"resume it with {'trainer=fsdp' if sharded else 'a non-FSDP trainer'}")
