@@ -46,7 +46,7 @@ from ..models import ModelBundle, build_bundle
 from ..models.memory import enable_gradient_checkpointing
 from ..rewards.base import Reward, build_reward
 from ..train import build_trainer, export_trained, lineage, make_trainable, resume_checkpoint, trainable_bundle
-from .optim import adamw_with_schedule, check_trainable, keep_trainable
+from .optim import adamw_with_schedule, check_trainable, keep_trainable, log_step
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,9 @@ class DDPOStage(L.LightningModule):
         metrics = self.ppo_update(self.rollout["plan"][step])
         self.updates += 1
         rewards = self.rollout["all_rewards"]
-        self.log_dict({**metrics, "train/reward": rewards.mean(), "train/reward_std": rewards.std(correction=0),
-                       "train/reward_queries": float(self.reward_queries), "train/epoch": float(epoch)}, on_step=True)
-        self.log("reward", rewards.mean(), prog_bar=True, logger=False)
+        log_step(self, {**metrics, "train/reward": rewards.mean(), "train/reward_std": rewards.std(correction=0),
+                        "train/reward_queries": float(self.reward_queries), "train/epoch": float(epoch)},
+                 "reward", rewards.mean())
 
     def epoch_generator(self, epoch: int) -> torch.Generator:
         """Noise, sampling noise and PPO shuffles of an epoch depend on (seed, epoch, rank) alone: resume is exact."""

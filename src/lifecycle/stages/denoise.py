@@ -17,7 +17,7 @@ from ..diffusion import noise as nz
 from ..models import ModelBundle
 from ..models.bundle import sample_posterior
 from .guard import LossGuard
-from .optim import adamw_with_schedule, guarded_step
+from .optim import adamw_with_schedule, guarded_step, log_step
 
 
 def denoiser_flops(bundle: ModelBundle, latent_shape: tuple[int, int, int, int]) -> int:
@@ -143,22 +143,18 @@ class DenoiseStage(L.LightningModule):
         if grad_norm is None:
             return
         phase = self.curriculum.phases[batch["phase"]]
-        self.log_dict(
-            {
-                "train/loss": mean_loss,
-                "train/loss_ema": self.guard.update(mean_loss.item()),
-                "train/grad_norm": grad_norm,
-                "train/lr": self.lr_schedulers().get_last_lr()[0],
-                "train/phase": float(batch["phase"]),
-                "train/resolution": float(phase.resolution),
-                "train/frames": float(phase.frames),
-                "guard/skipped_updates": float(self.guard.rejected),
-                "data/skipped_samples": float(batch["skipped"]),
-            },
-            on_step=True,
-            prog_bar=False,
-        )
-        self.log("loss", mean_loss, prog_bar=True, logger=False)
+        loss_ema = self.guard.update(mean_loss.item())
+        log_step(self, {
+            "train/loss": mean_loss,
+            "train/loss_ema": loss_ema,
+            "train/grad_norm": grad_norm,
+            "train/lr": self.lr_schedulers().get_last_lr()[0],
+            "train/phase": float(batch["phase"]),
+            "train/resolution": float(phase.resolution),
+            "train/frames": float(phase.frames),
+            "guard/skipped_updates": float(self.guard.rejected),
+            "data/skipped_samples": float(batch["skipped"]),
+        }, "loss", mean_loss)
 
     def configure_optimizers(self):
         return adamw_with_schedule(self, self.optim_cfg, self.sched_cfg, self.max_steps)

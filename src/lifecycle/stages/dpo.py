@@ -36,7 +36,7 @@ from ..models.lora import has_lora
 from ..rewards.base import build_reward
 from ..train import build_trainer, export_trained, lineage, make_trainable, resume_checkpoint, trainable_bundle
 from .guard import LossGuard
-from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable
+from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable, log_step
 
 log = logging.getLogger(__name__)
 
@@ -147,22 +147,19 @@ class DPOStage(L.LightningModule):
         grad_norm, mean_loss = guarded_step(self, loss, self.guard, self.accumulate, self.gradient_clip)
         if grad_norm is None:
             return
-        self.log_dict(
-            {
-                "train/loss": mean_loss,
-                "train/loss_ema": self.guard.update(mean_loss.item()),
-                "train/implicit_accuracy": terms.accuracy,
-                "train/reward_margin": terms.margin,
-                "train/reward_chosen": terms.reward_chosen,
-                "train/reward_rejected": terms.reward_rejected,
-                "train/grad_norm": grad_norm,
-                "train/lr": self.lr_schedulers().get_last_lr()[0],
-                "guard/skipped_updates": float(self.guard.rejected),
-                "data/skipped_pairs": float(batch["skipped"]),
-            },
-            on_step=True,
-        )
-        self.log("loss", mean_loss, prog_bar=True, logger=False)
+        loss_ema = self.guard.update(mean_loss.item())
+        log_step(self, {
+            "train/loss": mean_loss,
+            "train/loss_ema": loss_ema,
+            "train/implicit_accuracy": terms.accuracy,
+            "train/reward_margin": terms.margin,
+            "train/reward_chosen": terms.reward_chosen,
+            "train/reward_rejected": terms.reward_rejected,
+            "train/grad_norm": grad_norm,
+            "train/lr": self.lr_schedulers().get_last_lr()[0],
+            "guard/skipped_updates": float(self.guard.rejected),
+            "data/skipped_pairs": float(batch["skipped"]),
+        }, "loss", mean_loss)
 
     def configure_model(self) -> None:
         """`trainer=fsdp`: shard the denoiser, and the frozen reference copy (full fine-tuning) like it."""

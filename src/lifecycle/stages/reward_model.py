@@ -22,7 +22,7 @@ from ..data.preferences import PairDataModule, pair_batches, read_manifest
 from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
 from ..rewards.learned import LearnedReward
 from ..train import build_trainer, lineage, resume_checkpoint
-from .optim import adamw_with_schedule
+from .optim import adamw_with_schedule, log_step
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,9 @@ class RewardModelStage(L.LightningModule):
         chosen, rejected = score_pairs(self.reward, batch)
         loss = bradley_terry_loss(chosen, rejected)
         self.batches_seen += 1
-        self.log_dict({"train/loss": loss.detach(), "train/accuracy": preference_accuracy(chosen, rejected),
-                       "train/margin": (chosen - rejected).detach().mean(), "train/skipped": float(batch["skipped"]),
-                       "train/lr": self.lr_schedulers().get_last_lr()[0]}, on_step=True)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        log_step(self, {"train/loss": loss.detach(), "train/accuracy": preference_accuracy(chosen, rejected),
+                        "train/margin": (chosen - rejected).detach().mean(), "train/skipped": float(batch["skipped"]),
+                        "train/lr": self.lr_schedulers().get_last_lr()[0]}, "loss", loss.detach())
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

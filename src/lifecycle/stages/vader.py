@@ -28,7 +28,7 @@ from ..diffusion.sampling import sample
 from ..models import ModelBundle
 from ..models.memory import offload_activations
 from ..rewards.base import Reward
-from .optim import adamw_with_schedule, check_trainable, keep_trainable
+from .optim import adamw_with_schedule, check_trainable, keep_trainable, log_step
 
 GRAD_MODES = ("last", "rand")
 
@@ -161,10 +161,9 @@ class VaderStage(L.LightningModule):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        self.log_dict({"train/reward": scores.detach().mean(), "train/reward_std": scores.detach().std(correction=0),
-                       "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0], "train/grad_steps": float(k)},
-                      on_step=True)
-        self.log("reward", scores.detach().mean(), prog_bar=True, logger=False)
+        log_step(self, {"train/reward": scores.detach().mean(), "train/reward_std": scores.detach().std(correction=0),
+                        "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0], "train/grad_steps": float(k)},
+                 "reward", scores.detach().mean())
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
