@@ -3,6 +3,7 @@
 # make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
 # make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
 # make distributed: every training stage under DDP and FSDP on two CPU processes, LoRA and full fine-tuning.
+# make recaption-report: pre-train on the demo's curated clips with raw captions vs recaptions; held-out fidelity.
 # make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table);
 # BENCH_ARGS=--gpu for the real-size cases on a CUDA device.
 PYTHON ?= python3
@@ -15,9 +16,10 @@ DEMO_DIR ?= outputs/demo
 VADER_ARGS ?= reward=vivid  # Hydra overrides for make vader-report
 COMPARE_ARGS ?=             # e.g. --queries 960 -- reward=colour
 BENCH_ARGS ?=               # e.g. --case tiny_video --steps 50
+RECAPTION_ARGS ?= --seeds 0 1  # e.g. --seeds 0 -- trainer.max_steps=500
 PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install demo test smoke distributed vader-report compare bench clean
+.PHONY: install demo test smoke distributed vader-report compare recaption-report bench clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +41,10 @@ vader-report: install
 compare: install
 	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
 	$(PY) -m lifecycle.bench.compare --pretrained $(PRETRAINED) --out outputs/compare $(COMPARE_ARGS)
+
+recaption-report: install
+	@test -f $(DEMO_DIR)/curate/shards/curate.json || $(MAKE) demo
+	$(PY) -m lifecycle.bench.recaption --curated $(DEMO_DIR)/curate/shards --out outputs/recaption $(RECAPTION_ARGS)
 
 bench: install
 	$(PY) -m lifecycle.bench.train_step $(BENCH_ARGS)

@@ -31,12 +31,14 @@ def test_curriculum_phases_switch_resolution_frames_and_batch(synthetic_shards):
     assert 0.0 <= float(out[0]["video"].min()) and float(out[0]["video"].max()) <= 1.0
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_at_any_batch_gives_the_same_batches(synthetic_shards, workers):
+@pytest.mark.parametrize("workers,start,split", [(0, 4, "global"), (2, 4, "global"), (2, 5, "global"), (2, 5, "rank")])
+def test_resume_at_any_batch_gives_the_same_batches(synthetic_shards, workers, start, split):
+    """Also at a batch that is not a multiple of the worker count: the batches still arrive in order."""
     urls = list_shards(synthetic_shards)
-    full = batches(urls, 8, workers=workers)
-    resumed = batches(urls, 4, start=4, workers=workers)
-    for a, b in zip(full[4:], resumed):
+    full = batches(urls, 8, workers=workers, split=split)
+    resumed = batches(urls, 8 - start, start=start, workers=workers, split=split)
+    assert len(resumed) == 8 - start
+    for a, b in zip(full[start:], resumed):
         assert a["caption"] == b["caption"]
         assert torch.equal(a["video"], b["video"])
 

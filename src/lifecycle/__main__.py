@@ -1,18 +1,15 @@
 """`python -m lifecycle stage=... [key=value ...]` or `recipe=<name>`: one Hydra entry point for every stage."""
 
 import logging
-import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
-from .config import ConfigError, validate
+from .config import CONF_DIR, ConfigError, validate
 from .recipes import run_recipe
 
-CONF_DIR = os.environ.get("LIFECYCLE_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 log = logging.getLogger("lifecycle")
 
 

@@ -6,6 +6,7 @@ structured configs), so wrong types and unknown keys are reported with their ful
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,6 +14,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .data.shards import SPLITS
 from .diffusion.noise import FLOW_T_SCHEMES, PREDICTION_KINDS
+
+CONF_DIR = os.environ.get("LIFECYCLE_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,8 @@ class DataSchema:
     num_workers: int = 1
     shuffle_buffer: int = 256
     generate: Any = None
+    caption_key: str = "caption"  # the metadata field trained on (curated shards also keep original_caption)
+    balance: Any = None  # {key: metadata field, classes: null | [values]}: each class equally often (data/shards.py)
 
 
 @dataclass
@@ -353,6 +358,49 @@ class LatentCacheStageSchema:
 
 
 @dataclass
+class CurateFiltersSchema:
+    min_resolution: int = 32  # px, the shorter side
+    min_frames: int = 4
+    max_frames: Optional[int] = None
+    max_aspect: Optional[float] = 2.0  # long side / short side
+
+
+@dataclass
+class DedupSchema:
+    threshold: float = 0.02  # near duplicates: RMS distance of thumbnail embeddings; < 0: exact duplicates only
+    frames: int = 4
+    size: int = 16
+
+
+@dataclass
+class AnnotateSchema:
+    pixel_threshold: float = 0.05
+    static_fraction: float = 0.002
+    pan_fraction: float = 0.5
+    min_travel: float = 0.05
+
+
+@dataclass
+class CurateStageSchema:
+    name: str = "???"
+    run: str = "???"
+    raw: Optional[str] = None  # the embedded raw world's folder (input, truth and labels point into it)
+    input: str = "???"  # a folder of media files, or shards (a folder of *.tar, a glob, a brace pattern)
+    out: str = "???"  # the curated shards, manifest.jsonl, report.md; shared by every rank
+    generate: Any = None  # written first when `input` is missing (the embedded raw world)
+    truth: Optional[str] = None  # ground truth for the report (the raw world's truth.jsonl)
+    unit_size: int = 256  # files per unit of work (shards: one shard per unit)
+    workers: int = 2  # processes per rank
+    filters: CurateFiltersSchema = field(default_factory=CurateFiltersSchema)
+    dedup: DedupSchema = field(default_factory=DedupSchema)
+    annotate: AnnotateSchema = field(default_factory=AnnotateSchema)
+    aesthetic: list[str] = field(default_factory=lambda: ["vivid"])  # conf/reward names
+    recaption: Any = None  # stage/recaption=attributes (embedded) | vlm, or null
+    safety: Any = None  # stage/safety=classifier, or null
+    wait_timeout: float = 86400.0  # seconds a rank waits for the others
+
+
+@dataclass
 class ToolStageSchema:
     name: str = "???"
     run: str = "???"
@@ -371,7 +419,7 @@ class EvaluateStageSchema:
 STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
                  "synthetic": ToolStageSchema, "latent_cache": LatentCacheStageSchema, "dpo": DPOStageSchema,
                  "ddpo": DDPOStageSchema, "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema,
-                 "evaluate": EvaluateStageSchema}
+                 "evaluate": EvaluateStageSchema, "curate": CurateStageSchema}
 SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema}
 
 
@@ -415,6 +463,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     if not os.path.exists(cfg.data.shards) and cfg.data.generate is None:
         raise ConfigError(f"data.shards: {cfg.data.shards!r} does not exist (and data.generate is not set)")
     _choice("data.split", cfg.data.split, SPLITS)
+    if cfg.data.balance is not None and not (isinstance(cfg.data.balance, DictConfig) and cfg.data.balance.get("key")):
+        raise ConfigError("data.balance.key: required when data.balance is set ({key: field, classes: [values]})")
     if schema is LatentCacheStageSchema:
         _choice("stage.dtype", cfg.stage.dtype, ("float32", "float16"))
 
@@ -468,6 +518,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             _check_prompts(cfg, "train")
     if schema is EvaluateStageSchema:
         _check_evaluate(cfg)
+    if schema is CurateStageSchema:
+        _check_curate(cfg)
     if schema is DDPOStageSchema:
         _check_ddpo(cfg)
     if schema is PreferencesStageSchema:
@@ -475,6 +527,26 @@ def validate(cfg: DictConfig) -> DictConfig:
     if schema is RewardModelStageSchema:
         _check_reward_model(cfg)
     return cfg
+
+
+def _check_curate(cfg: DictConfig) -> None:
+    st = cfg.stage
+    if not os.path.exists(st.input) and st.generate is None:
+        raise ConfigError(f"stage.input: {st.input!r} does not exist (and stage.generate is not set)")
+    if st.truth is not None and not os.path.exists(st.truth) and st.generate is None:
+        raise ConfigError(f"stage.truth: no file {st.truth!r}")
+    for key in ("unit_size", "workers", "dedup.frames", "dedup.size"):
+        if OmegaConf.select(st, key) < 1:
+            raise ConfigError(f"stage.{key}: must be >= 1, got {OmegaConf.select(st, key)}")
+    names = list(st.aesthetic)
+    unknown = [n for n in names if not (Path(CONF_DIR) / "reward" / f"{n}.yaml").is_file()]
+    if unknown:
+        raise ConfigError(f"stage.aesthetic: no reward {unknown[0]!r} in conf/reward "
+                          f"({sorted(p.stem for p in (Path(CONF_DIR) / 'reward').glob('*.yaml'))})")
+    for key in ("recaption", "safety"):
+        if st[key] is not None and "_target_" not in st[key]:
+            raise ConfigError(f"stage.{key}: needs a _target_ (a captioner / lifecycle.curation.safety.SafetyFilter) "
+                              f"or null")
 
 
 def _check_prompts(cfg: DictConfig, *names: str) -> None:

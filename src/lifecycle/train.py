@@ -157,6 +157,8 @@ def fit(cfg: DictConfig) -> dict:
         cfg.data.shards, curriculum, seed=cfg.seed, num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer, accumulate=s.accumulate, generate=cfg.data.generate,
         select=OmegaConf.to_container(s.select) if s.select else None, split=cfg.data.split,
+        balance=OmegaConf.to_container(cfg.data.balance) if cfg.data.balance else None,
+        caption_key=cfg.data.caption_key,
     )
     last = curriculum.phases[-1]
     samples = SampleVideos(

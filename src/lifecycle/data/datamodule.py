@@ -17,16 +17,17 @@ class ShardDataModule(L.LightningDataModule):
 
     The stream starts at the training module's `batches_seen`, so a resumed run sees exactly
     the batches an uninterrupted one would. Each phase's batch size is the global batch, split
-    evenly over the ranks (`split`: see `CurriculumStream`).
+    evenly over the ranks (`split`: see `CurriculumStream`). `balance` ({key, classes}) draws each class
+    of a metadata field equally often.
     """
 
     def __init__(self, shards: str, curriculum: Curriculum, seed: int = 0, num_workers: int = 1,
                  shuffle_buffer: int = 256, accumulate: int = 1, generate=None, select: dict | None = None,
-                 split: str = "global"):
+                 split: str = "global", balance: dict | None = None, caption_key: str = "caption"):
         super().__init__()
         self.shards, self.curriculum, self.seed, self.split = shards, curriculum, seed, split
         self.num_workers, self.shuffle_buffer, self.accumulate = num_workers, shuffle_buffer, accumulate
-        self.generate = generate
+        self.generate, self.balance, self.caption_key = generate, balance, caption_key
         self.select = Selection(**select) if select else None
 
     def prepare_data(self) -> None:
@@ -47,6 +48,7 @@ class ShardDataModule(L.LightningDataModule):
             self.urls, self.curriculum, seed=self.seed, start_batch=trainer.lightning_module.batches_seen,
             shuffle_buffer=self.shuffle_buffer, accumulate=self.accumulate,
             rank=trainer.global_rank, world_size=trainer.world_size, select=self.select, split=self.split,
+            balance=self.balance, caption_key=self.caption_key,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 

@@ -1,7 +1,8 @@
 """Webdataset shards -> curriculum batches, deterministic and resumable at any batch.
 
 A curriculum phase's `batch_size` is the global batch; each of the world's ranks gets an equal
-slice of it. Batch b of a rank comes from DataLoader worker b mod workers. Two ways to split:
+slice of it. After a start (or resume) at batch s, batch b of a rank comes from DataLoader worker
+(b - s) mod workers, since the DataLoader asks its workers in turn. Two ways to split:
 
 - `global`: one seeded sample stream for the whole run; global batch b is the next `batch_size`
   samples of it and rank r takes the r-th slice. Every worker reads every shard but decodes only
@@ -9,8 +10,13 @@ slice of it. Batch b of a rank comes from DataLoader worker b mod workers. Two w
   ranks sees what a one-process run with the same global batch sees, and resuming on a different
   world size continues the same stream.
 - `rank`: each worker of each rank reads its own subset of the shards (whole shards when there
-  are enough, else every slots-th sample). Nothing is read twice: the choice for big datasets.
+  are enough, else every slots-th sample; batch b reads slot b mod workers, whichever worker runs
+  it). Nothing is read twice: the choice for big datasets.
   The batches depend on the world size and worker count.
+
+`select` keeps a curated subset; `balance` ({key, classes}) draws each class of a metadata field
+equally often (`balanced`: a rare class is oversampled). Both act on the undecoded stream before
+batch positions are counted, so resuming and the global split stay exact.
 
 Resuming at batch b skips the samples earlier batches used, before any decoding.
 """
@@ -22,6 +28,7 @@ import json
 import logging
 import os
 import random
+from collections import deque
 
 import numpy as np
 import torch
@@ -32,10 +39,11 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
 from .curriculum import Curriculum
-from .video_io import decode_video
+from .video_io import decode_image, decode_video
 
 log = logging.getLogger(__name__)
-VIDEO_KEYS = ("npy", "mp4", "webm", "gif", "avi", "mov")
+VIDEO_KEYS = ("npy", "mp4", "webm", "gif", "avi", "mov", "mkv")
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")  # an image is a one-frame clip
 CACHE_KEYS = {"latents": "latents.npy", "latents_std": "std.npy", "hidden": "hidden.npy", "pooled": "pooled.npy"}
 
 
@@ -53,20 +61,21 @@ def list_shards(spec: str, key: str = "data.shards") -> list[str]:
     return urls
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray | dict, str, dict]:
+def decode_sample(sample: dict, caption_key: str = "caption") -> tuple[np.ndarray | dict, str, dict]:
     """A raw webdataset sample -> (uint8 video (F, H, W, 3), caption, metadata); a latent-cache sample
-    (data/latent_cache.py) -> ({latents, [latents_std], hidden, pooled} arrays, caption, metadata)."""
-    if CACHE_KEYS["latents"] in sample:
-        meta = json.loads(sample["json"])
-        return {k: np.load(io.BytesIO(sample[v])) for k, v in CACHE_KEYS.items() if v in sample}, meta["caption"], meta
-    key = next((k for k in VIDEO_KEYS if k in sample), None)
-    if key is None:
-        raise ValueError(f"sample {sample.get('__key__')}: no video ({'/'.join(VIDEO_KEYS)})")
-    video = np.load(io.BytesIO(sample[key])) if key == "npy" else decode_video(sample[key])
+    (data/latent_cache.py) -> ({latents, [latents_std], hidden, pooled} arrays, caption, metadata).
+    The caption is the metadata's `caption_key` (curated shards also keep `original_caption`), else `txt`."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    caption = meta.get("caption") or (sample["txt"].decode() if "txt" in sample else None)
+    caption = meta.get(caption_key) or (sample["txt"].decode() if "txt" in sample and caption_key == "caption" else None)
     if not caption:
-        raise ValueError(f"sample {sample.get('__key__')}: no caption")
+        raise ValueError(f"sample {sample.get('__key__')}: no caption ({caption_key!r})")
+    if CACHE_KEYS["latents"] in sample:
+        return {k: np.load(io.BytesIO(sample[v])) for k, v in CACHE_KEYS.items() if v in sample}, caption, meta
+    key = next((k for k in VIDEO_KEYS + IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise ValueError(f"sample {sample.get('__key__')}: no video or image ({'/'.join(VIDEO_KEYS + IMAGE_KEYS)})")
+    video = (np.load(io.BytesIO(sample[key])) if key == "npy" else
+             decode_image(sample[key]) if key in IMAGE_KEYS else decode_video(sample[key]))
     if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
         raise ValueError(f"sample {sample.get('__key__')}: bad video shape {video.shape}")
     return video, caption, meta
@@ -82,6 +91,42 @@ def resize_clip(video: np.ndarray, frames: int, size: int) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+def balanced(samples, key, classes, rng: random.Random, buffer: int, on_error):
+    """Raw samples -> a stream drawing each class (metadata field `key`) equally often.
+
+    Each step draws a class uniformly (among `classes`, else the classes seen so far) and emits its
+    oldest queued sample, reading on until there is one. A class queues at most `buffer` samples
+    (the oldest dropped). Samples of a class not in `classes` are dropped unused, not counted as
+    corrupt; unreadable json or a missing `key` go to `on_error` and are skipped. Raises ValueError
+    when a listed class is still unseen after `buffer * 100` reads; ends when `samples` ends.
+    """
+    samples, queues = iter(samples), {}
+
+    def read(done) -> bool:
+        """Queues samples until `done()`; False if `samples` ends first."""
+        for reads, sample in enumerate(samples, 1):
+            try:
+                label = json.loads(sample["json"])[key]
+                if not classes or label in classes:
+                    queues.setdefault(label, deque(maxlen=buffer)).append(sample)
+            except Exception as exc:  # noqa: BLE001 - unreadable metadata: a corrupt sample
+                on_error(exc)
+            if done():
+                return True
+            if reads >= buffer * 100 and (missing := [c for c in classes or () if c not in queues]):
+                raise ValueError(f"data.balance.classes: no sample of class {missing[0]!r} ({key!r}) "
+                                 f"in {reads} samples read")
+        return False
+
+    if not classes and not read(lambda: queues):
+        return
+    while True:
+        want = rng.choice(classes or list(queues))
+        if not queues.get(want) and not read(lambda: queues.get(want)):
+            return
+        yield queues[want].popleft()
+
+
 SPLITS = ("global", "rank")
 
 
@@ -91,16 +136,19 @@ class CurriculumStream(IterableDataset):
 
     Batch b belongs to optimizer step b // accumulate, whose curriculum phase fixes its
     resolution, frame count and (global) batch size. Corrupt samples are skipped and counted;
-    `select` (a `Selection`) keeps only a curated subset.
+    `select` (a `Selection`) keeps only a curated subset; `balance` ({key, classes}) draws each
+    class equally often, queueing up to `shuffle_buffer` samples per class.
     """
 
     def __init__(self, urls, curriculum: Curriculum, seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 256,
-                 accumulate: int = 1, rank: int = 0, world_size: int = 1, select=None, split: str = "global"):
+                 accumulate: int = 1, rank: int = 0, world_size: int = 1, select=None, split: str = "global",
+                 balance: dict | None = None, caption_key: str = "caption"):
         if split not in SPLITS:
             raise ValueError(f"data.split: {split!r} is not one of {list(SPLITS)}")
         self.urls, self.curriculum, self.seed, self.select = list(urls), curriculum, seed, select
         self.start_batch, self.shuffle_buffer, self.accumulate = start_batch, shuffle_buffer, accumulate
-        self.rank, self.world_size, self.split = rank, world_size, split
+        self.rank, self.world_size, self.split, self.balance = rank, world_size, split, balance
+        self.caption_key = caption_key
         self.skipped = 0
 
     def _on_error(self, exc: Exception) -> bool:
@@ -121,6 +169,17 @@ class CurriculumStream(IterableDataset):
             rng = random.Random(f"{self.seed}/{cycle}/{slot}")
             yield from wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(iter(stream))
 
+    def _samples(self, slot: int, slots: int):
+        """`_raw`, curated (`select`) and class-balanced (`balance`): the stream whose positions batches count."""
+        raw = self._raw(slot, slots)
+        if self.select is not None:
+            raw = self._selected(raw)
+        if self.balance is not None:
+            rng = random.Random(f"{self.seed}/balance/{slot}")
+            raw = balanced(raw, self.balance["key"], self.balance.get("classes"), rng, self.shuffle_buffer,
+                           self._on_error)
+        return raw
+
     def _selected(self, raw):
         for sample in raw:
             try:
@@ -134,7 +193,7 @@ class CurriculumStream(IterableDataset):
     def _decoded(self, raw):
         for sample in raw:
             try:
-                yield decode_sample(sample)
+                yield decode_sample(sample, self.caption_key)
             except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped, never fatal
                 self._on_error(exc)
 
@@ -149,21 +208,17 @@ class CurriculumStream(IterableDataset):
 
     def _rank_batches(self, workers: int, worker: int):
         """(b, samples) for this worker's batches, read from its own slot of the shards."""
-        slots = workers * self.world_size
-        raw = self._raw(self.rank * workers + worker, slots)
-        if self.select is not None:
-            raw = self._selected(raw)
-        used = sum(self._rank_size(b) for b in range(worker, self.start_batch, workers))
+        slots, slot = workers * self.world_size, (self.start_batch + worker) % workers  # batch b: slot b mod workers
+        raw = self._samples(self.rank * workers + slot, slots)
+        used = sum(self._rank_size(b) for b in range(slot, self.start_batch, workers))
         samples = self._decoded(itertools.islice(raw, used, None))
-        for b in itertools.count(self.start_batch + (worker - self.start_batch) % workers, workers):
+        for b in itertools.count(self.start_batch + worker, workers):
             yield b, list(itertools.islice(samples, self._rank_size(b)))
 
     def _global_batches(self, workers: int, worker: int):
         """(b, samples) for this worker's batches: rank r's slice of global batch b of the run's one stream."""
-        raw = self._raw(0, 1)
-        if self.select is not None:
-            raw = self._selected(raw)
-        first = self.start_batch + (worker - self.start_batch) % workers
+        raw = self._samples(0, 1)
+        first = self.start_batch + worker
         offset = sum(self._global_size(b) for b in range(first))  # stream position where batch `first` starts
         pos = 0
         for b in itertools.count(first, workers):

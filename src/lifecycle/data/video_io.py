@@ -91,6 +91,15 @@ def decode_video(data: bytes) -> np.ndarray:
     return np.stack(frames)
 
 
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode image bytes (png, jpeg, webp, ...) into a one-frame uint8 (1, H, W, 3) clip."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))[None]
+    except OSError as error:
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {error}") from error
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling file, then rename it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""The data engine: raw media -> decoded, filtered, deduplicated, scored, recaptioned webdataset shards."""
