@@ -21,14 +21,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .staging import write_once
 from .synthetic import caption, render_clip, sample_metadata
 from .video_io import encode_video
 
@@ -59,7 +58,7 @@ def _png(frame: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_into(root: Path, p: dict, progress: bool) -> dict:
+def _write_into(root: Path, p: dict, progress: bool) -> None:
     rng = np.random.default_rng(p["seed"])
     media = root / "media"
     media.mkdir()
@@ -118,7 +117,6 @@ def _write_into(root: Path, p: dict, progress: bool) -> dict:
     (root / "labels.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels))
     summary = {**p, "files": len(truth), "kinds": counts, "labelled_clips": len(labels)}
     (root / MANIFEST).write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def write_raw(out_dir: str | os.PathLike, num_clips: int = 4000, frames: int = 8, size: int = 32, seed: int = 0,
@@ -138,23 +136,4 @@ def write_raw(out_dir: str | os.PathLike, num_clips: int = 4000, frames: int = 8
     if bad or exact_duplicates + near_duplicates + corrupt + rejects > 1:
         raise ValueError(f"fractions must lie in [0, 1] and the added files number at most num_clips, got {fractions}")
     params = {"num_clips": num_clips, "frames": frames, "size": size, "seed": seed, **fractions}
-    out = Path(out_dir)
-    if (out / MANIFEST).is_file():
-        done = json.loads((out / MANIFEST).read_text())
-        if {k: done.get(k) for k in params} != params:
-            raise ValueError(f"{out} holds a raw world written with other parameters; delete it or pick another folder")
-        return done
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists, is not empty and holds no {MANIFEST}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        summary = _write_into(staging, params, progress)
-        staging.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return summary
+    return write_once(out_dir, MANIFEST, params, lambda staging: _write_into(staging, params, progress))

@@ -11,14 +11,13 @@ import colorsys
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from lifecycle.data.staging import write_once
 from lifecycle.data.video_io import encode_video
 
 HUES = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
@@ -156,23 +155,8 @@ def _check_args(num_clips, clips_per_shard, frames, size, video_format) -> None:
         raise ValueError(f"video_format must be one of {VIDEO_FORMATS}, got {video_format!r}")
 
 
-def _existing_shards(out_dir: Path, params: dict) -> list[str] | None:
-    """Shard paths of a complete dataset at ``out_dir`` built with ``params``, else None."""
-    manifest = out_dir / MANIFEST
-    if not manifest.is_file():
-        return None
-    recorded = json.loads(manifest.read_text())
-    built_with = {key: recorded.get(key) for key in params}
-    if built_with != params:
-        raise ValueError(
-            f"{out_dir} holds a dataset built with {built_with}, not {params}; "
-            "delete it or choose another out_dir"
-        )
-    return [str(out_dir / name) for name in recorded["shards"]]
-
-
-def _write_into(directory: Path, params: dict, progress: bool) -> list[str]:
-    """Render and write all shards plus the manifest into ``directory``; return shard names."""
+def _write_into(directory: Path, params: dict, progress: bool) -> None:
+    """Render and write all shards plus the manifest into ``directory``."""
     rng = np.random.default_rng(params["seed"])
     num_clips, per_shard = params["num_clips"], params["clips_per_shard"]
     names = []
@@ -191,7 +175,6 @@ def _write_into(directory: Path, params: dict, progress: bool) -> list[str]:
                     })
                     bar.update()
     (directory / MANIFEST).write_text(json.dumps({**params, "shards": names}, indent=2))
-    return names
 
 
 def write_shards(
@@ -219,26 +202,5 @@ def write_shards(
     params = {"num_clips": num_clips, "clips_per_shard": clips_per_shard, "frames": frames,
               "size": size, "seed": seed, "video_format": video_format,
               "position_jitter": POSITION_JITTER}
-    out_dir = Path(out_dir)
-    existing = _existing_shards(out_dir, params)
-    if existing is not None:
-        return existing
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists, is not empty and holds no {MANIFEST}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        names = _write_into(staging, params, progress)
-        staging.chmod(0o755)  # mkdtemp creates it private
-        try:
-            staging.rename(out_dir)
-        except OSError:
-            # Another process finished the same dataset first: use theirs.
-            existing = _existing_shards(out_dir, params)
-            if existing is None:
-                raise
-            return existing
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return [str(out_dir / name) for name in names]
+    done = write_once(out_dir, MANIFEST, params, lambda staging: _write_into(staging, params, progress))
+    return [str(Path(out_dir) / name) for name in done["shards"]]
