@@ -54,7 +54,7 @@ def check_cache(manifest: dict, bundle, phases, train_text_encoder: bool) -> Non
                           f"(cache written for {manifest['model']})")
 
 
-def _clips(urls: list[str], frames: int, resolution: int, stats: dict):
+def _clips(urls: list[str], frames: int, resolution: int, stats: dict, caption_key: str = "caption"):
     """(key, clip (frames, 3, R, R), caption, metadata) of every readable sample, in shard order."""
     def skip(exc):
         stats["skipped"] += 1
@@ -63,7 +63,7 @@ def _clips(urls: list[str], frames: int, resolution: int, stats: dict):
 
     for sample in tarfile_samples(({"url": u} for u in urls), handler=skip):
         try:
-            video, caption, meta = decode_sample(sample)
+            video, caption, meta = decode_sample(sample, caption_key)
         except Exception as exc:  # noqa: BLE001 - any undecodable sample is skipped and counted
             skip(exc)
             continue
@@ -92,7 +92,7 @@ def write(cfg) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     dtype, stats = DTYPES[s.dtype], {"samples": 0, "skipped": 0}
-    clips = _clips(list_shards(cfg.data.shards), s.frames, s.resolution, stats)
+    clips = _clips(list_shards(cfg.data.shards), s.frames, s.resolution, stats, cfg.data.caption_key)
     with wds.ShardWriter(str(staging / "shard-%06d.tar"), maxcount=s.samples_per_shard, verbose=0) as sink, \
             tqdm(desc="latent cache", unit="clip") as progress:
         while batch := list(itertools.islice(clips, s.batch_size)):
