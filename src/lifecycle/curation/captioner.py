@@ -93,7 +93,6 @@ class AttributeCaptioner:
         for name in CLASSIFIED:
             y = torch.tensor([ATTRIBUTES[name].index(r[name]) for r in rows])
             self.heads[name] = fit_softmax(x, y, len(ATTRIBUTES[name]))
-        self.labelled = len(rows)
 
     def attributes(self, video: np.ndarray, annotation: dict) -> dict:
         x = (clip_features(video, annotation["travel"]) - self.mean) / self.std
