@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..config import CONF_DIR, ConfigError
+from ..data.video_io import write_atomically
 from ..rewards.base import WeightedSum, build_reward
 from .annotate import annotate, frame_difference
 from .dedup import content_hash, find_duplicates, thumbnail_embedding
@@ -55,12 +56,6 @@ def rank_and_world() -> tuple[int, int]:
         if world in os.environ:
             return int(os.environ.get(rank, 0)), int(os.environ[world])
     return 0, 1
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _jsonl(rows: list[dict]) -> bytes:
@@ -101,8 +96,8 @@ class Curator:
         dim = 3 * self.dedup["frames"] * self.dedup["size"] ** 2
         buffer = io.BytesIO()
         np.save(buffer, np.stack(embeddings).astype(np.float16) if embeddings else np.zeros((0, dim), np.float16))
-        _write_atomic(self.work / f"inspect-{unit.index:05d}.npy", buffer.getvalue())
-        _write_atomic(self.work / f"inspect-{unit.index:05d}.jsonl", _jsonl(rows))
+        write_atomically(self.work / f"inspect-{unit.index:05d}.npy", buffer.getvalue())
+        write_atomically(self.work / f"inspect-{unit.index:05d}.jsonl", _jsonl(rows))
 
     def describe(self, unit: Unit, rows: list[dict]) -> None:
         """Step 3 for one unit: the rows that survived deduplication are annotated, scored, safety-checked and
@@ -143,7 +138,7 @@ class Curator:
             os.replace(tmp, self.work.parent / shard)
         for r in rows:
             r["shard"] = shard if r["kept"] else None
-        _write_atomic(self.work / f"unit-{unit.index:05d}.jsonl", _jsonl(rows))
+        write_atomically(self.work / f"unit-{unit.index:05d}.jsonl", _jsonl(rows))
 
 
 class _UnitWork(Dataset):
@@ -218,7 +213,7 @@ def run(cfg) -> dict:
     recorded = work / "params.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != params:
         raise ConfigError(f"stage.out: {out} holds a curation run with other settings; delete it or choose another folder")
-    _write_atomic(recorded, json.dumps(params, indent=1).encode())
+    write_atomically(recorded, json.dumps(params, indent=1).encode())
     rank, world = rank_and_world()
     units = list_units(s.input, s.unit_size)
     mine = [u for u in units if u.index % world == rank]
@@ -242,7 +237,7 @@ def run(cfg) -> dict:
         return {"rank": rank, "units": len(mine)}
     _wait_for([work / f"unit-{u.index:05d}.jsonl" for u in units], s.wait_timeout, "results")
     manifest = [r for u in units for r in _read_jsonl(work / f"unit-{u.index:05d}.jsonl")]
-    _write_atomic(out / "manifest.jsonl", _jsonl(manifest))
+    write_atomically(out / "manifest.jsonl", _jsonl(manifest))
     summary = write_report(out, manifest, truth=s.truth, seconds=times, workers=s.workers * world)
-    _write_atomic(out / DONE, json.dumps(summary, indent=1).encode())
+    write_atomically(out / DONE, json.dumps(summary, indent=1).encode())
     return summary

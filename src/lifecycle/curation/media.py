@@ -14,10 +14,10 @@ from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from ..data.shards import list_shards
+from ..data.video_io import decode_image
 
 VIDEO_EXTS = ("mp4", "webm", "gif", "mov", "avi", "mkv")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
@@ -90,11 +90,7 @@ def decode(data: bytes, ext: str) -> np.ndarray:
             raise ValueError(f"npy frames must be uint8 (F, H, W, 3), got {video.dtype} {video.shape}")
         return video
     if ext in IMAGE_EXTS:
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                return np.asarray(image.convert("RGB"))[None]
-        except OSError as error:
-            raise ValueError(f"unreadable image: {error}") from error
+        return decode_image(data)
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:

@@ -100,7 +100,7 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ValueError(f"cannot decode image ({len(data)} bytes): {error}") from error
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary sibling file, then rename it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -116,7 +116,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
     """Write frames to ``path``; the suffix (.mp4, .webm, .gif) picks the format."""
     path = Path(path)
-    _write_atomically(path, encode_video(frames, fmt=path.suffix.lower().lstrip("."), fps=fps))
+    write_atomically(path, encode_video(frames, fmt=path.suffix.lower().lstrip("."), fps=fps))
 
 
 def filmstrip(
@@ -167,4 +167,4 @@ def save_filmstrip_png(
     """Save :func:`filmstrip` of ``videos`` as a PNG at ``path`` (written atomically)."""
     buffer = io.BytesIO()
     filmstrip(videos, labels, scale).save(buffer, format="PNG")
-    _write_atomically(Path(path), buffer.getvalue())
+    write_atomically(Path(path), buffer.getvalue())
