@@ -2,6 +2,7 @@
 # make test: set up .venv, run the test suite and the smoke recipe (every stage for a few steps).
 # make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
 # make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
+# make faults: the fault-injection tests (kills, torn and failed checkpoint writes, NaN/Inf, corrupt data, recipe resume).
 # make distributed: every training stage under DDP and FSDP on two CPU processes, LoRA and full fine-tuning.
 # make recaption-report: pre-train on the demo's curated clips with raw captions vs recaptions; held-out fidelity.
 # make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table);
@@ -19,7 +20,7 @@ BENCH_ARGS ?=               # e.g. --case tiny_video --steps 50
 RECAPTION_ARGS ?= --seeds 0 1  # e.g. --seeds 0 -- trainer.max_steps=500
 PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install demo test smoke distributed vader-report compare recaption-report bench clean
+.PHONY: install demo test smoke faults distributed vader-report compare recaption-report bench clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +53,9 @@ bench: install
 test: install
 	$(PY) -m pytest -q
 	$(MAKE) smoke
+
+faults: install
+	$(PY) -m pytest -q -m faults
 
 distributed: install
 	$(PY) -m pytest -q -m "" tests/test_distributed.py

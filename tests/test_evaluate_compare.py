@@ -6,6 +6,7 @@ import shutil
 import lightning as L
 import pytest
 
+from lifecycle import outputs
 from lifecycle.bench import compare
 from lifecycle.config import ConfigError
 
@@ -28,8 +29,12 @@ def test_evaluate_scores_each_export_on_the_same_noise(tmp_path):
     shutil.copytree(tmp_path / "a" / "export", tmp_path / "a_copy")  # a bundle folder itself works too
     models = f"stage.models=[{tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'a_copy'}]"
     out = tmp_path / "eval"
-    result = run(compose_cfg(out, "stage=evaluate", models, "reward=[colour,vivid]", "stage.evaluation.num_steps=2",
-                             *PROMPTS))
+    cfg = compose_cfg(out, "stage=evaluate", models, "reward=[colour,vivid]", "stage.evaluation.num_steps=2", *PROMPTS)
+    outputs.configure(cfg)  # as the CLI does
+    try:
+        result = run(cfg)
+    finally:
+        outputs.configure(None)
     assert list(result) == ["a", "b", "a_copy"]
     table = json.loads((out / "report" / "table.json").read_text())
     assert table["a"] == table["a_copy"]  # same weights, same prompts and noise: the same scores
@@ -39,6 +44,8 @@ def test_evaluate_scores_each_export_on_the_same_noise(tmp_path):
     assert lines[0].startswith("| model | colour (train) | colour (test) | vivid (train)")
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| a", "| b", "| a_copy"]
     assert (out / "samples" / "b" / "test" / "001.mp4").stat().st_size > 0
+    provenance = json.loads((out / "samples" / "b" / "test" / "provenance.json").read_text())
+    assert provenance["stage"] == "evaluate" and provenance["model"]["pretrained"] == str(tmp_path / "b" / "export")
 
     with pytest.raises(ConfigError, match=r"stage.models\[1\]: no exported bundle"):
         compose_cfg(out, "stage=evaluate", f"stage.models=[{tmp_path / 'a'},{tmp_path / 'missing'}]")

@@ -37,6 +37,7 @@ def _run(path, run_dir):
         return run_recipe(cfg)
 
 
+@pytest.mark.faults
 def test_recipe_chains_exports_skips_finished_stages_and_resumes(tmp_path, synthetic_shards, monkeypatch):
     from lifecycle.stages.vader import VaderStage
 

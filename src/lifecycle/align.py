@@ -63,7 +63,7 @@ def vader(cfg: DictConfig) -> dict:
                          {"frames": s.frames, "resolution": s.resolution, "images": images, "clips": s.clips})
     trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
-    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer))
+    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     fit_seconds = round(time.time() - start, 1)
 

@@ -1,9 +1,14 @@
 """Config schemas and start-up validation: a bad key stops the run before any compute.
 
 Each section of the composed Hydra config is merged into a typed schema (OmegaConf
-structured configs), so wrong types and unknown keys are reported with their full key.
+structured configs), so wrong types and unknown keys are reported with their full key. Files and
+folders are looked up, `_target_`s (rewards, loggers, captioners) imported without being built and
+their arguments matched against the signature, and stage/model/reward combinations that cannot work
+refused, each as one line `key: what is wrong`.
 """
 
+import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .data.shards import SPLITS
 from .diffusion.noise import FLOW_T_SCHEMES, PREDICTION_KINDS
+from .rewards.base import Reward
 
 CONF_DIR = os.environ.get("LIFECYCLE_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 
@@ -50,6 +56,8 @@ class ModelSchema:
     token_embedding_std: Optional[float] = None
     image_encoder: Any = None  # image-to-video (SVD) models, in place of text_encoder/tokenizer
     conditioning: Any = None  # SVD micro-conditioning: fps, motion_bucket_id, noise_aug_strength
+    trust_remote_code: bool = False  # let `pretrained` run its own code (classes outside diffusers/transformers)
+    token: Optional[str] = None  # hub token for a gated `pretrained`: +model.token=${oc.env:MY_TOKEN} (never a literal)
 
 
 @dataclass
@@ -416,11 +424,27 @@ class EvaluateStageSchema:
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
 
 
+@dataclass
+class WatermarkSchema:
+    enabled: bool = True
+    message: str = "lcyc"  # 1 to 4 bytes (UTF-8) hidden in every exported frame
+    method: str = "dwtDctSvd"  # imwatermark's method (the one that survives mp4 and gif)
+    min_size: int = 256  # px: frames are upscaled (nearest) to this short side at least; imwatermark needs 256x256
+
+
+@dataclass
+class OutputsSchema:
+    filter: Any = None  # outputs/filter=classifier (lifecycle.curation.safety.SafetyFilter), or null
+    watermark: WatermarkSchema = field(default_factory=WatermarkSchema)
+    provenance: bool = True  # provenance.json beside exported samples, and a copy in each file
+
+
 STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
                  "synthetic": ToolStageSchema, "latent_cache": LatentCacheStageSchema, "dpo": DPOStageSchema,
                  "ddpo": DDPOStageSchema, "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema,
                  "evaluate": EvaluateStageSchema, "curate": CurateStageSchema}
-SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema}
+SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema, "outputs": OutputsSchema}
+TRAINER_STAGES = (DenoiseStageSchema, VaderStageSchema, DPOStageSchema, DDPOStageSchema, RewardModelStageSchema)
 
 
 def _typed(section: str, schema, node) -> DictConfig:
@@ -428,7 +452,7 @@ def _typed(section: str, schema, node) -> DictConfig:
         return OmegaConf.merge(OmegaConf.structured(schema), node)
     except OmegaConfBaseException as e:
         key = f"{section}.{e.full_key}" if getattr(e, "full_key", None) else section
-        raise ConfigError(f"{key}: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise ConfigError(f"{key}: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None  # not the key again
 
 
 def _choice(key: str, value, choices) -> None:
@@ -440,9 +464,158 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or os.path.exists(path) or path.count("/") != 1
 
 
+PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
+              "32-true", "64-true", "64", "32", "16", "bf16")  # Lightning's
+PROFILERS = ("simple", "advanced", "pytorch")
+PROMPT_SETS = ("train", "test")
+HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+MODEL_PATH_KEYS = ("model", "clip", "tokenizer", "backbone")  # hub ids or local folders of pretrained weights
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _top_level_keys() -> set[str]:
+    """The keys conf/config.yaml declares: its defaults groups and its own keys."""
+    conf = OmegaConf.load(Path(CONF_DIR) / "config.yaml")
+    groups = {next(iter(d)).split("@")[-1].lstrip("/").split("/")[0]  # outputs/filter -> outputs
+              for d in conf.get("defaults", []) if isinstance(d, DictConfig)}
+    return (groups | set(conf) | set(SECTION_SCHEMAS)) - {"defaults", "hydra"}
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    known = _top_level_keys()
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown top-level key (known: {sorted(known)})")
+    if type(cfg.get("seed")) is not int:
+        raise ConfigError(f"seed: must be an integer, got {cfg.get('seed')!r}")
+    for key in cfg.get("prompts") or {}:
+        if key not in PROMPT_SETS:
+            raise ConfigError(f"prompts.{key}: unknown prompt set (known: {list(PROMPT_SETS)})")
+
+
+def _import(key: str, path: str):
+    """The object at dotted `path`, imported as hydra's instantiate and get_method do (without their error log)."""
+    from hydra._internal.utils import _locate
+
+    try:
+        return _locate(path)
+    except Exception as e:  # noqa: BLE001 - any import failure is a bad dotted path
+        raise ConfigError(f"{key}: cannot import {path!r} ({_one_line(e.__cause__ or e)})") from None
+
+
+def _target(key: str, node, skip=()):
+    """Import `node._target_` (without calling it); check `node`'s other keys against its signature."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(target, str):
+        raise ConfigError(f"{key}._target_: missing (the dotted path of what to build)")
+    obj = _import(f"{key}._target_", target)
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # no signature to check against: the call will tell
+        return obj
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        for name in node:
+            if name not in params and name not in HYDRA_KEYS and name not in skip:
+                raise ConfigError(f"{key}.{name}: {target} takes no argument {name!r} (it takes {list(params)})")
+    for name, p in params.items():
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in node:
+            raise ConfigError(f"{key}.{name}: missing (a required argument of {target})")
+    return obj
+
+
+def _check_model_paths(key: str, node, names=MODEL_PATH_KEYS) -> None:
+    """Pretrained weights named by a path (not a hub id 'org/name') must be an existing folder."""
+    for name in names:
+        value = node.get(name)
+        if isinstance(value, str) and _looks_local(value) and not os.path.isdir(os.path.expanduser(value)):
+            raise ConfigError(f"{key}.{name}: no such folder {value!r} (a hub id is 'org/name')")
+
+
+def _check_rewards(cfg: DictConfig, backprop: bool) -> None:
+    """Every `reward.<name>`: an importable Reward whose arguments fit, a number for weight, existing weight
+    files and folders; a stage that backpropagates through the reward needs every term differentiable."""
+    if not cfg.get("reward"):
+        raise ConfigError("reward: none selected (reward=<name> or reward=[a,b], names from conf/reward)")
+    for name, entry in cfg.reward.items():
+        key = f"reward.{name}"
+        obj = _target(key, entry, skip=("weight",))
+        cls = obj.__self__ if inspect.ismethod(obj) else obj  # a classmethod factory: LearnedReward.from_pretrained
+        if isinstance(cls, type) and not issubclass(cls, Reward):
+            raise ConfigError(f"{key}._target_: {entry._target_} is not a lifecycle Reward")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{key}.weight: must be a number, got {weight!r}")
+        _check_model_paths(key, entry)
+        if entry.get("head") is not None and not os.path.isfile(os.path.expanduser(entry.head)):
+            raise ConfigError(f"{key}.head: no weights file {entry.head!r}")
+        if entry.get("path") is not None and not os.path.isdir(os.path.expanduser(entry.path)):
+            raise ConfigError(f"{key}.path: no such folder {entry.path!r}")
+        if backprop and not getattr(cls, "differentiable", True):
+            raise ConfigError(f"{key}: {entry._target_} is not differentiable; stage={cfg.stage.name} backpropagates "
+                              f"through the reward (choose a differentiable reward, or stage=ddpo, which needs none)")
+
+
+def _model_makeup(cfg: DictConfig) -> tuple[bool, str, dict] | None:
+    """(image-to-video?, scheduler class, scheduler config) from the component configs or a local pretrained
+    folder; None when that needs a download (a hub id)."""
+    m = cfg.model
+    if not m.pretrained:
+        scheduler = OmegaConf.to_container(m.scheduler or {}, resolve=True)
+        return m.image_encoder is not None, str(scheduler.get("_target_", "")).rsplit(".", 1)[-1], scheduler
+    folder = Path(os.path.expanduser(m.pretrained))
+    index, scheduler = folder / "model_index.json", folder / "scheduler" / "scheduler_config.json"
+    if not index.is_file() or not scheduler.is_file():
+        return None
+    scheduler = json.loads(scheduler.read_text())
+    image_encoder = (json.loads(index.read_text()).get("image_encoder") or [None])[0] is not None
+    return image_encoder, scheduler.get("_class_name", ""), scheduler
+
+
+def _check_text_to_video(cfg: DictConfig, ddim: bool) -> None:
+    """Stages for text-to-video models only; `ddim`: and only a DDIM-sampled one (DDPO's stochastic policy)."""
+    makeup = _model_makeup(cfg)
+    if makeup is None:
+        return
+    image_to_video, scheduler, config = makeup
+    if image_to_video:
+        raise ConfigError(f"model: stage={cfg.stage.name} is for text-to-video models; this one is image-to-video "
+                          f"(it has an image_encoder)")
+    flow = scheduler.startswith("FlowMatch") or config.get("prediction_type") == "flow_prediction"
+    edm = scheduler == "EulerDiscreteScheduler" and config.get("timestep_type") == "continuous"
+    if ddim and (flow or edm):
+        raise ConfigError(f"model: stage={cfg.stage.name} trains the stochastic DDIM chain of a text-to-video model; "
+                          f"this is a {'flow-matching' if flow else 'EDM (Euler-sampled)'} model ({scheduler})")
+
+
+def _check_latent_cache(cfg: DictConfig, schema) -> None:
+    """A latent cache as data.shards fixes frames, resolution and the caption embeddings; it is not a video source."""
+    from .data.latent_cache import MANIFEST, read_manifest  # it imports this module
+
+    cache = read_manifest(cfg.data.shards)
+    if schema is LatentCacheStageSchema:
+        if cache is not None:
+            raise ConfigError(f"data.shards: {cfg.data.shards!r} is already a latent cache; point it at the videos")
+        out = Path(cfg.stage.out)
+        if out.exists() and not (out / MANIFEST).is_file():
+            raise ConfigError(f"stage.out: {str(out)!r} exists and is not a latent cache (no {MANIFEST}); "
+                              f"choose a new folder")
+    if schema is DenoiseStageSchema and cache is not None:
+        if cfg.stage.train_text_encoder:
+            raise ConfigError("stage.train_text_encoder: data.shards is a latent cache, which holds fixed caption "
+                              "embeddings; set it false")
+        for i, phase in enumerate(cfg.stage.curriculum):
+            if (phase.frames, phase.resolution) != (cache["frames"], cache["resolution"]):
+                raise ConfigError(f"stage.curriculum[{i}]: {phase.frames} frames at {phase.resolution} px, but the "
+                                  f"latent cache holds {cache['frames']} frames at {cache['resolution']} px")
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Typed, checked copy of `cfg`; raises ConfigError naming the first bad key."""
     cfg = cfg.copy()
+    _check_top_level(cfg)
     for section, schema in SECTION_SCHEMAS.items():
         cfg[section] = _typed(section, schema, cfg[section])
     schema = STAGE_SCHEMAS.get(cfg.stage.get("name"))
@@ -460,11 +633,14 @@ def validate(cfg: DictConfig) -> DictConfig:
     resume = cfg.trainer.resume
     if resume not in (None, "last") and not os.path.exists(resume):
         raise ConfigError(f"trainer.resume: no checkpoint at {resume!r} (use 'last' or a .ckpt path)")
+    _choice("trainer.precision", cfg.trainer.precision, PRECISIONS)
+    _choice("trainer.profiler", cfg.trainer.profiler, PROFILERS)
     if not os.path.exists(cfg.data.shards) and cfg.data.generate is None:
         raise ConfigError(f"data.shards: {cfg.data.shards!r} does not exist (and data.generate is not set)")
     _choice("data.split", cfg.data.split, SPLITS)
     if cfg.data.balance is not None and not (isinstance(cfg.data.balance, DictConfig) and cfg.data.balance.get("key")):
         raise ConfigError("data.balance.key: required when data.balance is set ({key: field, classes: [values]})")
+    _check_outputs(cfg.outputs)
     if schema is LatentCacheStageSchema:
         _choice("stage.dtype", cfg.stage.dtype, ("float32", "float16"))
 
@@ -477,6 +653,12 @@ def validate(cfg: DictConfig) -> DictConfig:
             for k in ("resolution", "frames", "batch_size", "steps"):
                 if phase[k] <= 0:
                     raise ConfigError(f"stage.curriculum[{i}].{k}: must be positive, got {phase[k]}")
+        select = cfg.stage.select
+        for rule in select or {}:
+            if rule not in ("min", "where", "keys"):
+                raise ConfigError(f"stage.select.{rule}: unknown rule (min, where or keys)")
+        if select and select.get("keys") and not os.path.isfile(os.path.expanduser(select["keys"])):
+            raise ConfigError(f"stage.select.keys: no key list {select['keys']!r}")
     if schema is VaderStageSchema:
         _check_prompts(cfg, "train", "test")
         st = cfg.stage
@@ -526,7 +708,48 @@ def validate(cfg: DictConfig) -> DictConfig:
         _check_preferences(cfg)
     if schema is RewardModelStageSchema:
         _check_reward_model(cfg)
+    if _uses_reward(cfg, schema):
+        _check_rewards(cfg, backprop=schema is VaderStageSchema)
+    if schema in (DPOStageSchema, DDPOStageSchema, LatentCacheStageSchema) or (
+            schema is PreferencesStageSchema and cfg.stage.source == "sampled"):
+        _check_text_to_video(cfg, ddim=schema is DDPOStageSchema)
+    if schema in (DenoiseStageSchema, LatentCacheStageSchema):
+        _check_latent_cache(cfg, schema)
+    if cfg.stage.get("export") == "adapter" and cfg.stage.get("lora") is None:
+        raise ConfigError("stage.export: 'adapter' saves a LoRA adapter, but stage.lora is null (full fine-tuning); "
+                          "use merge")
+    if schema in TRAINER_STAGES:  # last: importing Lightning's loggers takes seconds
+        if isinstance(cfg.trainer.strategy, DictConfig):
+            _target("trainer.strategy", cfg.trainer.strategy)
+        for name, entry in (cfg.get("logger") or {}).items():
+            _target(f"logger.{name}", entry)
     return cfg
+
+
+def _uses_reward(cfg: DictConfig, schema) -> bool:
+    """Whether the stage builds `cfg.reward`."""
+    st = cfg.stage
+    if schema is DPOStageSchema:
+        return st.evaluation is not None or st.curve.every_n_steps > 0
+    if schema is PreferencesStageSchema:
+        return st.source == "sampled" and not st.annotator
+    return schema in (VaderStageSchema, DDPOStageSchema, EvaluateStageSchema)
+
+
+def _check_outputs(out: DictConfig) -> None:
+    from .outputs import MAX_MESSAGE_BYTES, METHODS, MIN_SIZE  # the outputs package imports this module
+
+    mark = out.watermark
+    if not 1 <= len(mark.message.encode()) <= MAX_MESSAGE_BYTES:
+        raise ConfigError(f"outputs.watermark.message: must be 1 to {MAX_MESSAGE_BYTES} bytes (UTF-8), "
+                          f"got {mark.message!r}")
+    _choice("outputs.watermark.method", mark.method, METHODS)
+    if mark.min_size < MIN_SIZE:
+        raise ConfigError(f"outputs.watermark.min_size: must be >= {MIN_SIZE} (imwatermark needs 256x256 pixels), "
+                          f"got {mark.min_size}")
+    if out.filter is not None:
+        _target("outputs.filter", out.filter)
+        _check_model_paths("outputs.filter", out.filter, ("model",))
 
 
 def _check_curate(cfg: DictConfig) -> None:
@@ -544,9 +767,9 @@ def _check_curate(cfg: DictConfig) -> None:
         raise ConfigError(f"stage.aesthetic: no reward {unknown[0]!r} in conf/reward "
                           f"({sorted(p.stem for p in (Path(CONF_DIR) / 'reward').glob('*.yaml'))})")
     for key in ("recaption", "safety"):
-        if st[key] is not None and "_target_" not in st[key]:
-            raise ConfigError(f"stage.{key}: needs a _target_ (a captioner / lifecycle.curation.safety.SafetyFilter) "
-                              f"or null")
+        if st[key] is not None:
+            _target(f"stage.{key}", st[key])
+            _check_model_paths(f"stage.{key}", st[key], ("model",))
 
 
 def _check_prompts(cfg: DictConfig, *names: str) -> None:
@@ -610,12 +833,7 @@ def _check_preferences(cfg: DictConfig) -> None:
         return
     _check_prompts(cfg, "train")
     if st.annotator:
-        from hydra.utils import get_method  # hydra only when an annotator is named
-
-        try:
-            get_method(st.annotator)
-        except Exception as e:  # noqa: BLE001 - any import failure is a bad dotted path
-            raise ConfigError(f"stage.annotator: cannot import {st.annotator!r} ({e})") from None
+        _import("stage.annotator", st.annotator)
 
 
 def _check_reward_model(cfg: DictConfig) -> None:
@@ -623,6 +841,8 @@ def _check_reward_model(cfg: DictConfig) -> None:
     if not os.path.isfile(os.path.join(os.path.expanduser(st.pairs), "dataset.json")):
         raise ConfigError(f"stage.pairs: {st.pairs!r} is not a preference-pair folder (no dataset.json)")
     _choice("stage.architecture", st.architecture, ("conv", "clip"))
+    if st.architecture == "clip":
+        _check_model_paths("stage.clip", st.clip, ("backbone", "tokenizer"))
     for k in ("steps", "batch_size", "eval_batch_size", "frames", "resolution"):
         if st[k] is not None and st[k] <= 0:
             raise ConfigError(f"stage.{k}: must be positive, got {st[k]}")

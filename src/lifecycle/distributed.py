@@ -31,6 +31,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from .callbacks.ema import EMA
+from .checkpointing import staging_path, write_errors
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def shard(module, components: list[nn.Module]) -> None:
@@ -91,7 +99,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         path = Path(self.broadcast(str(filepath)))
-        staging = path.with_name(f".{path.name}.tmp")
+        staging = staging_path(path)
         if self.global_rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         self.barrier()
@@ -100,14 +108,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         ema = self._ema()
         if ema is not None and ema.state_key in checkpoint.get("callbacks", {}):
             state["ema"] = checkpoint["callbacks"][ema.state_key].pop("shadow")
-        dcp.save(state, checkpoint_id=staging)
-        if self.global_rank == 0:
-            torch.save(checkpoint, staging / _METADATA_FILENAME)
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            staging.rename(path)
+        with write_errors(path, staging):
+            dcp.save(state, checkpoint_id=staging)
+            if self.global_rank == 0:
+                torch.save(checkpoint, staging / _METADATA_FILENAME)
+                old = path.with_name(f".{path.name}.old")  # the swap is two renames; a crash between keeps both
+                _remove(old)
+                if path.exists():
+                    path.rename(old)
+                staging.rename(path)
+                _remove(old)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:

@@ -29,6 +29,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, validate
+from .outputs import configure as configure_outputs
 
 log = logging.getLogger(__name__)
 RECIPES_DIR = Path(os.environ.get("LIFECYCLE_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
@@ -90,6 +91,7 @@ def run_recipe(cfg: DictConfig) -> dict:
             stage_cfg = validate(compose("config", overrides=overrides))
             log.info("recipe %s: stage %s in %s", cfg.recipe, s.name, run_dir)
             began = time.time()
+            configure_outputs(stage_cfg)
             result = get_method(stage_cfg.stage.run)(stage_cfg) or {}
             results[s.name] = {**result, "seconds": round(time.time() - began, 1)}
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.ema import EMA
 from .callbacks.samples import SampleVideos
+from .checkpointing import AtomicCheckpointIO
 from .config import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
@@ -26,6 +27,7 @@ from .loggers import drop_rows_from
 from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
 from .models.memory import enable_gradient_checkpointing
+from .secrets import redact, secret_values
 from .stages.denoise import DenoiseStage
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: in
         every_n_train_steps=every, save_top_k=1, save_last=True,
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks], logger=loggers or False, **tcfg)
+    return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks], logger=loggers or False,
+                     plugins=[AtomicCheckpointIO()], **tcfg)
 
 
 def make_trainable(bundle, lora: DictConfig | None) -> None:
@@ -84,29 +87,32 @@ def trainable_bundle(model: DictConfig, lora: DictConfig | None):
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path, trainer: L.Trainer) -> str | None:
-    """`trainer.resume` for Lightning; metrics rows logged past that checkpoint are dropped (the resumed run logs them again).
+    """`trainer.resume` for Lightning. Metrics rows logged past that checkpoint are dropped (the resumed run logs
+    them again), all of them when there is no checkpoint to resume (an attempt killed before its first one).
 
     A sharded checkpoint (a folder, from `trainer=fsdp`) resumes only under `trainer=fsdp`, on any number of ranks.
     """
     ckpt_path = cfg.trainer.resume
     resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path or "")
-    if not ckpt_path or not resolved.exists():
-        return ckpt_path
-    sharded = _is_sharded_checkpoint(resolved)  # a folder with Lightning's meta.pt
-    if sharded != isinstance(trainer.strategy, FSDP2Strategy):
-        raise ConfigError(f"trainer.resume: {resolved} is a {'sharded' if sharded else 'single-file'} checkpoint; "
-                          f"resume it with {'trainer=fsdp' if sharded else 'a non-FSDP trainer'}")
-    meta = resolved / _METADATA_FILENAME if sharded else resolved
-    step = torch.load(meta, map_location="cpu", mmap=not sharded, weights_only=False)["global_step"]
+    step = 0
+    if ckpt_path and resolved.exists():
+        sharded = _is_sharded_checkpoint(resolved)  # a folder with Lightning's meta.pt
+        if sharded != isinstance(trainer.strategy, FSDP2Strategy):
+            raise ConfigError(f"trainer.resume: {resolved} is a {'sharded' if sharded else 'single-file'} checkpoint; "
+                              f"resume it with {'trainer=fsdp' if sharded else 'a non-FSDP trainer'}")
+        meta = resolved / _METADATA_FILENAME if sharded else resolved
+        step = torch.load(meta, map_location="cpu", mmap=not sharded, weights_only=True)["global_step"]
     if trainer.is_global_zero:
         drop_rows_from(run_dir / "metrics.csv", step)
     return ckpt_path
 
 
 def lineage(cfg: DictConfig, run_dir: Path, step: int, data, **extra) -> dict:
-    """What an export records of its making: recipe, stage, parent export, data, step, run directory, config."""
-    return {"recipe": cfg.get("recipe"), "stage": cfg.stage.name, "parent": cfg.model.get("pretrained"), "data": data,
+    """What an export records of its making: recipe, stage, parent export, data, step, run directory, config
+    (resolved, with secrets redacted)."""
+    made = {"recipe": cfg.get("recipe"), "stage": cfg.stage.name, "parent": cfg.model.get("pretrained"), "data": data,
             "step": step, "run_dir": str(run_dir), **extra, "config": OmegaConf.to_container(cfg, resolve=True)}
+    return redact(made, secret_values(cfg))
 
 
 def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
@@ -171,7 +177,7 @@ def fit(cfg: DictConfig) -> dict:
                                    window_size=cfg.trainer.throughput_window)
     trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples, throughput) if c is not None], max_steps)
     start = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer))
+    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
     with ema.swapped(module) if ema else nullcontext():

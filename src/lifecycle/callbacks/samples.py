@@ -1,15 +1,16 @@
 """Sample videos for fixed prompts and seeds, written to disk, scored, and sent to the loggers."""
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 
-from ..data.video_io import encode_video, save_filmstrip_png, write_video
 from ..metrics.oracle import prompt_fidelity
+from ..outputs import current
+from ..outputs.export import write_samples as export
 from .ema import EMA
 
 
@@ -20,22 +21,16 @@ def to_uint8(videos: torch.Tensor) -> list[np.ndarray]:
 
 def write_samples(out: Path, videos: torch.Tensor, prompts: list[str], scores: dict, fps: int = 8,
                   name: str = "fidelity.json") -> None:
-    """`out/`: an mp4 and a gif per video, filmstrip.png with the prompts, prompts.json and the scores."""
-    out.mkdir(parents=True, exist_ok=True)
-    clips = to_uint8(videos)
-    for i, clip in enumerate(clips):
-        write_video(out / f"{i:03d}.mp4", clip, fps=fps)
-        write_video(out / f"{i:03d}.gif", clip, fps=fps)
-    save_filmstrip_png(out / "filmstrip.png", clips, labels=prompts)
-    (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
-    (out / name).write_text(json.dumps(scores, indent=2))
+    """`out/`: an mp4 and a gif per video, filmstrip.png with the prompts, prompts.json, the scores and
+    provenance.json, under the output policy (lifecycle.outputs: content filter, watermark, provenance)."""
+    export(out, to_uint8(videos), prompts, scores, fps, name, current())
 
 
 class SampleVideos(L.Callback):
     """At the end of training (and every `every_n_steps` if > 0) sample `prompts` with EMA weights.
 
-    Writes `samples/<tag>/` (mp4 + gif per prompt, a filmstrip PNG, `fidelity.json` with the
-    pixel-oracle prompt fidelity where the prompts are synthetic-world captions).
+    Writes `samples/<tag>/` with `write_samples` (mp4 + gif per prompt, a filmstrip PNG, `fidelity.json` with
+    the pixel-oracle prompt fidelity where the prompts are synthetic-world captions) and logs the written files.
     """
 
     def __init__(self, out_dir, prompts: list[str], frames: int, resolution: int, num_steps: int = 25,
@@ -71,30 +66,33 @@ class SampleVideos(L.Callback):
             result.update(prompt_fidelity(videos, self.prompts))
         if trainer.is_global_zero:
             write_samples(self.out_dir / tag, videos, self.prompts, result, self.fps)
-            self._log(trainer, tag, videos, result)
+            self._log(trainer, tag, len(videos), result)
         self.results[tag] = result
         return result
 
 
-    def _log(self, trainer, tag: str, videos: torch.Tensor, result: dict) -> None:
+    def _log(self, trainer, tag: str, count: int, result: dict) -> None:
+        """Metrics, and the first 8 videos as written (filtered and watermarked) to wandb or TensorBoard."""
         step = trainer.global_step
         metrics = {f"samples/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float)) and k != "step"}
-        clips = to_uint8(videos[:8])
+        files = [self.out_dir / tag / f"{i:03d}" for i in range(min(count, 8))]
         for logger in trainer.loggers:
             if metrics:
                 logger.log_metrics(metrics, step=step)
             name = type(logger).__name__
             if name == "WandbLogger":
-                paths = [str(self.out_dir / tag / f"{i:03d}.mp4") for i in range(len(clips))]
-                logger.log_video("samples/videos", videos=paths, step=step, caption=self.prompts[: len(clips)])
+                paths = [str(f.with_suffix(".mp4")) for f in files]
+                logger.log_video("samples/videos", videos=paths, step=step, caption=self.prompts[: len(files)])
             elif name == "TensorBoardLogger":
                 # TensorBoard shows an image summary whose bytes are a GIF as an animation (its own
                 # add_video needs moviepy 1.x for the same encoding).
                 from tensorboard.compat.proto.summary_pb2 import Summary
 
-                values = [
-                    Summary.Value(tag=f"samples/{i:02d}", image=Summary.Image(
-                        height=c.shape[1], width=c.shape[2], colorspace=3, encoded_image_string=encode_video(c, "gif", self.fps)))
-                    for i, c in enumerate(clips)
-                ]
+                values = []
+                for i, f in enumerate(files):
+                    gif = f.with_suffix(".gif")
+                    with Image.open(gif) as image:
+                        width, height = image.size
+                    values.append(Summary.Value(tag=f"samples/{i:02d}", image=Summary.Image(
+                        height=height, width=width, colorspace=3, encoded_image_string=gif.read_bytes())))
                 logger.experiment.file_writer.add_summary(Summary(value=values), step)

@@ -61,6 +61,12 @@ def list_shards(spec: str, key: str = "data.shards") -> list[str]:
     return urls
 
 
+def _name(sample: dict, member: str = "") -> str:
+    """`sample <key>[.member] of <shard>`, for messages."""
+    key = f"{sample.get('__key__')}.{member}" if member else sample.get("__key__")
+    return f"sample {key}" + (f" of {sample['__url__']}" if "__url__" in sample else "")
+
+
 def decode_sample(sample: dict, caption_key: str = "caption") -> tuple[np.ndarray | dict, str, dict]:
     """A raw webdataset sample -> (uint8 video (F, H, W, 3), caption, metadata); a latent-cache sample
     (data/latent_cache.py) -> ({latents, [latents_std], hidden, pooled} arrays, caption, metadata).
@@ -68,16 +74,19 @@ def decode_sample(sample: dict, caption_key: str = "caption") -> tuple[np.ndarra
     meta = json.loads(sample["json"]) if "json" in sample else {}
     caption = meta.get(caption_key) or (sample["txt"].decode() if "txt" in sample and caption_key == "caption" else None)
     if not caption:
-        raise ValueError(f"sample {sample.get('__key__')}: no caption ({caption_key!r})")
+        raise ValueError(f"{_name(sample)}: no caption ({caption_key!r})")
     if CACHE_KEYS["latents"] in sample:
         return {k: np.load(io.BytesIO(sample[v])) for k, v in CACHE_KEYS.items() if v in sample}, caption, meta
     key = next((k for k in VIDEO_KEYS + IMAGE_KEYS if k in sample), None)
     if key is None:
-        raise ValueError(f"sample {sample.get('__key__')}: no video or image ({'/'.join(VIDEO_KEYS + IMAGE_KEYS)})")
-    video = (np.load(io.BytesIO(sample[key])) if key == "npy" else
-             decode_image(sample[key]) if key in IMAGE_KEYS else decode_video(sample[key]))
+        raise ValueError(f"{_name(sample)}: no video or image ({'/'.join(VIDEO_KEYS + IMAGE_KEYS)})")
+    try:
+        video = (np.load(io.BytesIO(sample[key])) if key == "npy" else
+                 decode_image(sample[key]) if key in IMAGE_KEYS else decode_video(sample[key]))
+    except Exception as e:  # noqa: BLE001 - say which sample
+        raise ValueError(f"{_name(sample, key)}: {e}") from e
     if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
-        raise ValueError(f"sample {sample.get('__key__')}: bad video shape {video.shape}")
+        raise ValueError(f"{_name(sample)}: bad video shape {video.shape}")
     return video, caption, meta
 
 

@@ -41,11 +41,13 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
 
 
-def _encode_pyav(frames: np.ndarray, fmt: str, fps: int) -> bytes:
+def _encode_pyav(frames: np.ndarray, fmt: str, fps: int, comment: str | None) -> bytes:
     container_format, codec, options = _PYAV_CODECS[fmt]
     frames = _pad_to_even(frames)
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=container_format) as container:
+        if comment is not None:
+            container.metadata["comment"] = comment
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -57,22 +59,24 @@ def _encode_pyav(frames: np.ndarray, fmt: str, fps: int) -> bytes:
     return buffer.getvalue()
 
 
-def encode_video(frames: np.ndarray, fmt: str = "mp4", fps: int = 8) -> bytes:
+def encode_video(frames: np.ndarray, fmt: str = "mp4", fps: int = 8, comment: str | None = None) -> bytes:
     """Encode uint8 (F, H, W, 3) frames as ``mp4`` (H.264), ``webm`` (VP9) or ``gif`` bytes.
 
     mp4 and webm use yuv420p: odd heights/widths are padded by one replicated
-    row/column. The GIF writer merges identical consecutive frames.
+    row/column. The GIF writer merges identical consecutive frames. ``comment``, when
+    given, is stored as the container's ``comment`` tag (the GIF comment extension).
     """
     frames = _check_frames(frames)
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     if fmt == "gif":
+        extra = {} if comment is None else {"comment": comment}
         return iio.imwrite(
-            "<bytes>", frames, extension=".gif", plugin="pillow", duration=1000 / fps, loop=0
+            "<bytes>", frames, extension=".gif", plugin="pillow", duration=1000 / fps, loop=0, **extra
         )
     if fmt not in _PYAV_CODECS:
         raise ValueError(f"unknown video format {fmt!r}; expected one of {FORMATS}")
-    return _encode_pyav(frames, fmt, fps)
+    return _encode_pyav(frames, fmt, fps, comment)
 
 
 def decode_video(data: bytes) -> np.ndarray:
@@ -113,10 +117,10 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
-    """Write frames to ``path``; the suffix (.mp4, .webm, .gif) picks the format."""
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, comment: str | None = None) -> None:
+    """Write frames to ``path``; the suffix (.mp4, .webm, .gif) picks the format (``comment``: see encode_video)."""
     path = Path(path)
-    write_atomically(path, encode_video(frames, fmt=path.suffix.lower().lstrip("."), fps=fps))
+    write_atomically(path, encode_video(frames, fmt=path.suffix.lower().lstrip("."), fps=fps, comment=comment))
 
 
 def filmstrip(

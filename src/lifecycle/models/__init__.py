@@ -21,7 +21,8 @@ def build_bundle(cfg: DictConfig) -> ModelBundle:
     """
     conditioning = cfg.get("conditioning")
     if cfg.get("pretrained"):
-        bundle = ModelBundle.from_pretrained(cfg.pretrained)
+        bundle = ModelBundle.from_pretrained(cfg.pretrained, trust_remote_code=cfg.get("trust_remote_code", False),
+                                             token=cfg.get("token"))
         if conditioning:
             bundle.conditioning = ImageConditioning(**conditioning)
         return bundle

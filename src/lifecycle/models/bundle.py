@@ -8,6 +8,7 @@ stage load through the same `from_pretrained`.
 import importlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
 from ..diffusion.sampling import sample
 from .folded_unet import FramesAsChannelsUNet
@@ -39,11 +40,41 @@ DENOISER_FOLDERS = ("unet", "transformer")
 COMPONENTS = (*DENOISER_FOLDERS, "vae", "text_encoder", "image_encoder", "scheduler", "tokenizer")
 FRAMEWISE_VAES = (AutoencoderKL, AutoencoderKLTemporalDecoder)  # 2D encoders: frames are encoded one by one
 LINEAGE_FILE = "lineage.json"
+TRUSTED_LIBRARIES = ("diffusers", "transformers", "lifecycle")  # model_index.json classes importable without trust
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def _library_of(obj) -> str:
     top = type(obj).__module__.split(".")[0]
     return top if hasattr(importlib.import_module(top), type(obj).__name__) else type(obj).__module__
+
+
+def component_class(index_path: str, name: str, library: str, class_name: str, trust_remote_code: bool = False):
+    """The class model_index.json names for component `name`; importing a module runs its code, so only the
+    TRUSTED_LIBRARIES are imported unless `trust_remote_code`."""
+    if library.split(".")[0] not in TRUSTED_LIBRARIES and not trust_remote_code:
+        raise ValueError(f"{index_path}: model_index.json loads {name} with {library}.{class_name}; only "
+                         f"{', '.join(TRUSTED_LIBRARIES)} classes load unless model.trust_remote_code is true "
+                         f"(importing {library!r} runs its code)")
+    return getattr(importlib.import_module(library), class_name)
+
+
+def check_pickles(folder: Path) -> None:
+    """Vet a component folder's pickled weights (.bin/.pt/...) when it has no safetensors, which would be preferred.
+
+    They are loaded as `torch.load(weights_only=True)` loads them (tensors and plain containers only, to the
+    meta device), so a pickle that would run code is refused here, whatever loader the library uses next.
+    """
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    for path in sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES):
+        try:
+            torch.load(path, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, or whatever a malformed file raises
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            reason = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0])
+            raise ValueError(f"{path}: refused to load pickled weights that torch.load(weights_only=True) rejects "
+                             f"({reason.split('. Please')[0]}); use safetensors weights") from None
 
 
 def training_scheduler(scheduler):
@@ -244,12 +275,17 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype | None = None, **kwargs) -> "ModelBundle":
+    def from_pretrained(cls, path_or_id: str, torch_dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                        **kwargs) -> "ModelBundle":
         """Load from a local folder or a hub id laid out as a diffusers pipeline.
 
         A hub id is first resolved to a local snapshot of just the needed components (the
         cache when offline), as DiffusionPipeline.from_pretrained does; `kwargs` go to
         `snapshot_download` (revision, token, cache_dir, ...).
+
+        Weights load from safetensors; a component with only pickled weights is vetted by `check_pickles`.
+        No code from outside diffusers, transformers and lifecycle runs (classes named by model_index.json,
+        a tokenizer's `auto_map`) unless `trust_remote_code`.
         """
         if not os.path.isdir(path_or_id):
             adapters = (f"{n}{ADAPTER_SUFFIX}/*" for n in DENOISER_FOLDERS)
@@ -263,10 +299,14 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
                 continue
             library, class_name = spec
             if name == "tokenizer":
-                found[name] = AutoTokenizer.from_pretrained(path_or_id, subfolder=name)
+                found[name] = AutoTokenizer.from_pretrained(path_or_id, subfolder=name,
+                                                            trust_remote_code=trust_remote_code)
                 continue
-            klass = getattr(importlib.import_module(library), class_name)
+            klass = component_class(path_or_id, name, library, class_name, trust_remote_code)
             extra = {} if name == "scheduler" or torch_dtype is None else {"torch_dtype": torch_dtype}
+            if isinstance(klass, type) and issubclass(klass, PreTrainedModel):  # may fetch custom generation code
+                extra["trust_remote_code"] = trust_remote_code
+            check_pickles(Path(path_or_id) / name)
             found[name] = klass.from_pretrained(path_or_id, subfolder=name, **extra)
             if name in DENOISER_FOLDERS and adapter_folder(Path(path_or_id) / name).is_dir():
                 load_adapter(found[name], adapter_folder(Path(path_or_id) / name))

@@ -66,11 +66,13 @@ class AestheticReward(FrozenReward):
         None leaves the head randomly initialised (a warning says so).
     dtype: the backbone's dtype (transformers' `dtype`: "float32", "bfloat16", ...); None keeps
         the checkpoint's. The head runs in its own dtype (float32 unless cast).
+    trust_remote_code: run a repository's own code (a config `auto_map`); off unless you trust `clip`.
     """
 
-    def __init__(self, clip: str = "openai/clip-vit-large-patch14", head: str | None = None, dtype: str | None = None):
+    def __init__(self, clip: str = "openai/clip-vit-large-patch14", head: str | None = None, dtype: str | None = None,
+                 trust_remote_code: bool = False):
         super().__init__()
-        config = AutoConfig.from_pretrained(clip)
+        config = AutoConfig.from_pretrained(clip, trust_remote_code=trust_remote_code)
         if isinstance(config, CLIPConfig):
             # A full CLIP checkpoint keeps the projection width at the top level, and its
             # vision_config need not repeat it (transformers would then build a 512-d projection).
@@ -112,6 +114,7 @@ class ClipScore(FrozenReward):
     model: `CLIPModel` hub id or folder. tokenizer: hub id or folder (default: `model`'s).
     scale: the factor on the cosine; None uses the model's learned temperature logit_scale.exp().
     dtype: the backbone's dtype (None keeps the checkpoint's); the cosine is computed in float32.
+    trust_remote_code: run a repository's own code (a tokenizer `auto_map`); off unless you trust it.
     """
 
     def __init__(
@@ -120,10 +123,11 @@ class ClipScore(FrozenReward):
         tokenizer: str | None = None,
         scale: float | None = 100.0,
         dtype: str | None = None,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         self.model = CLIPModel.from_pretrained(model, dtype=dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
         self.image_size = self.model.config.vision_config.image_size
         # A tokenizer without a saved model_max_length reports a huge one: cap at the position table.
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
@@ -168,8 +172,10 @@ class PickScore(ClipScore):
         tokenizer: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         scale: float | None = None,
         dtype: str | None = None,
+        trust_remote_code: bool = False,
     ):
-        super().__init__(model=model, tokenizer=tokenizer, scale=scale, dtype=dtype)
+        super().__init__(model=model, tokenizer=tokenizer, scale=scale, dtype=dtype,
+                         trust_remote_code=trust_remote_code)
 
 
 class HPSReward(ClipScore):
@@ -185,5 +191,7 @@ class HPSReward(ClipScore):
         tokenizer: str | None = None,
         scale: float | None = 1.0,
         dtype: str | None = None,
+        trust_remote_code: bool = False,
     ):
-        super().__init__(model=model, tokenizer=tokenizer, scale=scale, dtype=dtype)
+        super().__init__(model=model, tokenizer=tokenizer, scale=scale, dtype=dtype,
+                         trust_remote_code=trust_remote_code)

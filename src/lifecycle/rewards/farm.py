@@ -18,7 +18,7 @@ class FARMReward(AestheticReward):
     One CLIP pass gives the embeddings of both terms. A single frame (T = 1) has C = 1, the
     cosine of a frame with itself.
 
-    clip, head, dtype: as `AestheticReward`. coherence_weight: λ.
+    clip, head, dtype, trust_remote_code: as `AestheticReward`. coherence_weight: λ.
     """
 
     def __init__(
@@ -27,8 +27,9 @@ class FARMReward(AestheticReward):
         head: str | None = None,
         coherence_weight: float = 1.0,
         dtype: str | None = None,
+        trust_remote_code: bool = False,
     ):
-        super().__init__(clip=clip, head=head, dtype=dtype)
+        super().__init__(clip=clip, head=head, dtype=dtype, trust_remote_code=trust_remote_code)
         self.coherence_weight = float(coherence_weight)
 
     @staticmethod

@@ -106,7 +106,8 @@ class ClipScorer(nn.Module):
         if lora:
             add_lora(self.backbone, rank=lora["rank"], alpha=lora.get("alpha"), dropout=lora.get("dropout", 0.0),
                      target_modules=lora.get("target_modules") or CLIP_LORA_TARGETS)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or backbone)
+        # never a repository's own code: an export's config.json is data, not a place to opt in
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or backbone, trust_remote_code=False)
         config = self.backbone.config
         self.image_size = config.vision_config.image_size
         # A tokenizer without a saved model_max_length reports a huge one: cap at the position table.

@@ -272,7 +272,7 @@ def run(cfg: DictConfig) -> dict:
                          {"frames": s.frames, "resolution": s.resolution})
     trainer = build_trainer(trainer_cfg, run_dir, curve, s.epochs * per_epoch)
     start = time.time()
-    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer))
+    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     fit_seconds = round(time.time() - start, 1)
 

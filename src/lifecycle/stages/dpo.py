@@ -219,7 +219,7 @@ def run(cfg: DictConfig) -> dict:
                              {"frames": s.frames, "resolution": s.resolution}, offset)
     trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
-    trainer.fit(module, datamodule=pairs, ckpt_path=resume_checkpoint(cfg, run_dir, trainer))
+    trainer.fit(module, datamodule=pairs, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1)}
 

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .. import outputs
 from ..data.prompts import load_prompts
 from ..metrics.reward_table import ORACLE_COLUMNS, evaluate
 from ..models import ModelBundle
@@ -61,8 +62,10 @@ def run(cfg: DictConfig) -> dict:
     results = {}
     for path in s.models:
         name = label(path)
-        bundle = ModelBundle.from_pretrained(str(export_folder(path))).eval()
-        results[name] = evaluate(bundle, reward, prompt_sets, run_dir / "samples" / name, "", settings)
+        folder = str(export_folder(path))
+        bundle = ModelBundle.from_pretrained(folder).eval()
+        with outputs.sampled_from(folder):  # the samples' provenance names the model they came from
+            results[name] = evaluate(bundle, reward, prompt_sets, run_dir / "samples" / name, "", settings)
         log.info("evaluated %s: %s", name, {k: round(v["reward"], 4) for k, v in results[name].items()})
     report = run_dir / "report"
     report.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from ..data.preferences import load_pickapic, read_manifest, write_pairs
 from ..data.prompts import load_prompts
 from ..models import build_bundle
 from ..rewards.base import build_reward
+from ..secrets import redact, secret_values
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("best_worst", "all")
@@ -107,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
         score, judge = get_method(s.annotator), s.annotator
     else:
         score = build_reward(cfg.reward).to(fabric.device).eval()
-        judge = OmegaConf.to_container(cfg.reward, resolve=True)
+        judge = redact(OmegaConf.to_container(cfg.reward, resolve=True), secret_values(cfg))
     prompts = load_prompts(cfg.prompts.train, "prompts.train")
     manifest = {"source": "sampled", "reward": judge, "model": cfg.model.pretrained, "prompts": len(prompts),
                 "repeats": s.repeats, "candidates": s.candidates, "strategy": s.strategy, "min_margin": s.min_margin,

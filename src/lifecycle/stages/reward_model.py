@@ -134,7 +134,7 @@ def run(cfg: DictConfig) -> dict:
     if not resuming:  # a resumed run's metrics.csv already has this row
         _log(trainer, {"val/accuracy": before["accuracy"], "val/loss": before["loss"]}, step=0)
     start = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     fit_seconds = round(time.time() - start, 1)
     after = evaluate()

@@ -1,0 +1,111 @@
+"""Bad configuration and input stop a run at start-up, before any model is built, with one line naming the key.
+
+CASES is the README's table of checked cases: (case, overrides, the start of the message). `{empty}`, `{pairs}`
+and `{cache}` stand for an empty folder, a folder of pair shards and a latent cache (the `folders` fixture).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lifecycle.config import ConfigError
+from lifecycle.rewards import Reward
+
+from .helpers import compose_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+JUDGE = f"+reward.judge={{_target_:{__name__}.Judge}}"
+
+
+class Judge(Reward):
+    """A reward that scores without gradients (a classifier's decision, a human rating)."""
+
+    differentiable = False
+
+
+CASES = [
+    ("unknown top-level key", ["+foo=1"], "foo: unknown top-level key"),
+    ("unknown key in a section", ["+model.foo=1"], "model.foo: Key 'foo' not in 'ModelSchema'"),
+    ("unknown stage key", ["+stage.foo=1"], "stage.foo: Key 'foo' not in"),
+    ("unknown prompt set", ["+prompts.extra=[a]"], "prompts.extra: unknown prompt set"),
+    ("unknown reward argument", ["stage=vader", "+reward.colour.foo=1"], "reward.colour.foo: lifecycle.rewards"),
+    ("unknown logger argument", ["+logger.csv.foo=1"], "logger.csv.foo: lifecycle.loggers.CSVLogger takes no"),
+    ("unknown SFT selection rule", ["stage=sft", "+stage.select.best=3"], "stage.select.best: unknown rule"),
+    ("wrong type", ["trainer.max_steps=abc"], "trainer.max_steps: Value 'abc' of type 'str' could not be"),
+    ("wrong type", ["stage.optimizer.lr=fast"], "stage.optimizer.lr: Value 'fast'"),
+    ("wrong type", ["seed=abc"], "seed: must be an integer"),
+    ("wrong type", ["stage=vader", "reward.colour.weight=heavy"], "reward.colour.weight: must be a number"),
+    ("value out of range", ["trainer.precision=17"], "trainer.precision: '17' is not one of"),
+    ("unimportable class", ["stage=vader", "reward.colour._target_=no.such.Reward"],
+     "reward.colour._target_: cannot import 'no.such.Reward'"),
+    ("missing required argument", ["stage=vader", "reward=object_removal", "~reward.object_removal.target"],
+     "reward.object_removal.target: missing (a required argument of lifecycle.rewards.detector.ObjectReward)"),
+    ("missing model folder", ["model.pretrained=/no/such/model"], "model.pretrained: no such folder"),
+    ("missing data", ["data.shards=/no/such/shards", "data.generate=null"],
+     "data.shards: '/no/such/shards' does not exist"),
+    ("missing checkpoint", ["trainer.resume=/no/such.ckpt"], "trainer.resume: no checkpoint"),
+    ("missing prompt file", ["stage=vader", "prompts.train=/no/prompts.txt"], "prompts.train: no prompt file"),
+    ("missing reward weights", ["stage=vader", "reward=aesthetic", "reward.aesthetic.head=/no/head.pth"],
+     "reward.aesthetic.head: no weights file"),
+    ("missing reward backbone", ["stage=vader", "reward=object_removal", "reward.object_removal.model=./no/yolos"],
+     "reward.object_removal.model: no such folder"),
+    ("missing learned reward", ["stage=vader", "reward=learned", "reward.learned.path=/no/export"],
+     "reward.learned.path: no such folder"),
+    ("missing curation input", ["stage=curate", "stage.input=/no/media", "stage.generate=null"], "stage.input:"),
+    ("missing safety classifier", ["stage=curate", "stage/safety=classifier", "stage.safety.model=./no/nsfw"],
+     "stage.safety.model: no such folder"),
+    ("missing SFT key list", ["stage=sft", "+stage.select.keys=/no/keys.txt"], "stage.select.keys: no key list"),
+    ("DPO without preference data", ["stage=dpo"], "stage.pairs: missing value"),
+    ("DPO without preference data", ["stage=dpo", "stage.pairs={empty}"], "stage.pairs: no pair shards"),
+    ("VADER with a non-differentiable reward", ["stage=vader", JUDGE],
+     "reward.judge: tests.test_config_errors.Judge is not differentiable; stage=vader backpropagates"),
+    ("DDPO on a flow-matching model", ["stage=ddpo", "model=tiny_wan"], "model: stage=ddpo trains the stochastic DDIM"),
+    ("DPO on an image-to-video model", ["stage=dpo", "model=tiny_svd", "stage.pairs={pairs}"],
+     "model: stage=dpo is for text-to-video models"),
+    ("latent cache with a trained text encoder", ["data.shards={cache}"], "stage.train_text_encoder: data.shards is a"),
+    ("latent cache at other frames/resolution", ["data.shards={cache}", "stage.train_text_encoder=false"],
+     "stage.curriculum[0]: 8 frames at 16 px, but the latent cache holds 8 frames at 32 px"),
+    ("latent cache of a latent cache", ["stage=latent_cache", "data.shards={cache}", "stage.out={empty}/out"],
+     "data.shards: '{cache}' is already a latent cache"),
+    ("LoRA adapter export without LoRA", ["+stage.export=adapter"], "stage.export: 'adapter' saves a LoRA adapter"),
+]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "empty").mkdir()
+    (root / "pairs").mkdir()
+    (root / "pairs" / "pairs-000000.tar").touch()
+    (root / "cache").mkdir()
+    (root / "cache" / "cache.json").write_text(json.dumps({"frames": 8, "resolution": 32}))
+    return {name: str(root / name) for name in ("empty", "pairs", "cache")}
+
+
+def fill(text: str, folders: dict) -> str:
+    for name, path in folders.items():
+        text = text.replace(f"{{{name}}}", path)
+    return text
+
+
+@pytest.mark.parametrize("case, overrides, message", CASES, ids=[f"{c}: {' '.join(o)}" for c, o, _ in CASES])
+def test_bad_config_fails_at_start_up_with_one_line_naming_the_key(tmp_path, folders, case, overrides, message):
+    overrides = [fill(o, folders) for o in overrides]
+    tiny = not any(o.startswith("model=") for o in overrides)  # the TINY overrides fit the default model only
+    with pytest.raises(ConfigError) as err:
+        compose_cfg(tmp_path, *overrides, tiny=tiny)
+    assert str(err.value).startswith(fill(message, folders)) and "\n" not in str(err.value)
+
+
+def test_the_cli_exits_before_compute_with_one_error_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "-m", "lifecycle", "stage=vader", JUDGE, f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "config error" in line]
+    assert out.returncode == 2 and len(errors) == 1
+    assert "config error: reward.judge: tests.test_config_errors.Judge is not differentiable" in errors[0]
+    assert not (tmp_path / "samples").exists() and not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,191 @@
+"""Fault injection on a short pre-training run: SIGKILL, a kill inside a checkpoint write, a full disk,
+NaN/Inf gradients, corrupt data. Each ends with what the README's reliability table promises.
+
+The random step and checkpoint write are drawn from a seed printed with any failure; set
+LIFECYCLE_FAULT_SEED to replay one.
+"""
+
+import csv
+import errno
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lifecycle.checkpointing import CheckpointWriteError
+from lifecycle.data.shards import list_shards
+from lifecycle.data.video_io import encode_video
+from lifecycle.stages.denoise import DenoiseStage
+from lifecycle.stages.guard import DivergenceError
+from lifecycle.train import fit
+
+from .helpers import TINY, compose_cfg
+
+pytestmark = pytest.mark.faults
+ROOT = Path(__file__).resolve().parents[1]
+SEED = int(os.environ.get("LIFECYCLE_FAULT_SEED", random.SystemRandom().randrange(10**6)))
+STEPS = 8  # checkpoints every 2 steps: step00000N.ckpt, then last.ckpt
+SHORT = [
+    f"stage.curriculum=[{{name:low,resolution:16,frames:8,batch_size:4,steps:{STEPS}}}]",
+    "stage.samples.num_steps=2", "stage.samples.prompts.n=2", "stage.lr_scheduler.warmup_steps=2",
+    "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+    "data.num_workers=0", "stage.ema.decay=0.9",
+]
+
+
+def _load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _trained(run_dir) -> dict:
+    """Everything the run's final checkpoint holds that decides what comes next."""
+    ckpt = _load(Path(run_dir) / "checkpoints" / "last.ckpt")
+    ema = next(v for k, v in ckpt["callbacks"].items() if k.startswith("EMA"))["shadow"]
+    moments = [s["exp_avg"] for s in ckpt["optimizer_states"][0]["state"].values()]
+    return {"step": ckpt["global_step"], "weights": ckpt["state_dict"], "ema": ema, "moments": moments,
+            "lifecycle": ckpt["lifecycle"]}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == STEPS
+    for part in ("weights", "ema"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), f"{part} {name}"
+    assert all(torch.equal(x, y) for x, y in zip(a["moments"], b["moments"], strict=True))
+    assert a["lifecycle"] == b["lifecycle"]
+
+
+def _killed(run_dir, shards, *fault: str) -> subprocess.CompletedProcess:
+    """`python -m lifecycle` on the test model in a fresh process, through tests/fault_driver.py with `fault`."""
+    overrides = [*TINY, *SHORT, f"data.shards={shards}", "data.generate=null", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "2"}  # the suite's thread count
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_driver.py"), *fault, *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, synthetic_shards):
+    """The uninterrupted run every interrupted one must end at."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    fit(compose_cfg(run_dir, *SHORT, shards=synthetic_shards))
+    return _trained(run_dir)
+
+
+def test_sigkill_at_a_random_step_then_resume_ends_with_the_same_weights(tmp_path, synthetic_shards, straight):
+    step = random.Random(SEED).randint(1, STEPS - 1)
+    killed = _killed(tmp_path, synthetic_shards, "kill-at-step", str(step))
+    assert killed.returncode == -9, f"seed {SEED}, step {step}: {killed.stderr[-2000:]}"
+    assert not (tmp_path / "export").exists()
+    kept = _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] if step >= 2 else None
+    assert kept == (step // 2 * 2 if step >= 2 else None), f"seed {SEED}"  # the last checkpoint before the kill
+
+    fit(compose_cfg(tmp_path, *SHORT, "trainer.resume=last", shards=synthetic_shards))  # a new process resumes
+    _assert_same(straight, _trained(tmp_path))
+    logged = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/loss")]
+    assert logged == list(range(STEPS)), f"seed {SEED}"  # rows past the checkpoint were dropped, then relogged
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, synthetic_shards, straight):
+    write = random.Random(SEED).randint(3, 6)  # writes: step2, last@2, step4, last@4, step6, last@6, ...
+    killed = _killed(tmp_path, synthetic_shards, "kill-in-checkpoint-write", str(write))
+    assert killed.returncode == -9, f"seed {SEED}, write {write}: {killed.stderr[-2000:]}"
+    ckpts = tmp_path / "checkpoints"
+    torn = list(ckpts.glob(".*.ckpt.tmp"))
+    assert len(torn) == 1, f"seed {SEED}: {sorted(p.name for p in ckpts.iterdir())}"
+    with pytest.raises(Exception):  # the torn half is not a checkpoint
+        _load(torn[0])
+    last_written = (write - 1) // 2 * 2  # last.ckpt's step before the kill
+    assert _load(ckpts / "last.ckpt")["global_step"] == last_written, f"seed {SEED}, write {write}"
+
+    fit(compose_cfg(tmp_path, *SHORT, "trainer.resume=last", shards=synthetic_shards))
+    _assert_same(straight, _trained(tmp_path))
+    assert not list(ckpts.glob(".*.tmp")), "the torn staging file outlived the run"
+
+
+def test_a_full_disk_during_checkpointing_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, synthetic_shards,
+                                                                                            monkeypatch):
+    real_save, writes = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):
+        if getattr(f, "name", "").endswith(".ckpt.tmp"):
+            writes.append(f.name)
+            if len(writes) == 4:  # last.ckpt at step 4: some bytes land, then the disk is full
+                f.write(b"x" * 1000)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*last\.ckpt: the disk is full .*"
+                                                   r"the previous checkpoint .*last\.ckpt is intact"):
+        fit(compose_cfg(tmp_path, *SHORT, shards=synthetic_shards))
+    ckpts = tmp_path / "checkpoints"
+    assert _load(ckpts / "last.ckpt")["global_step"] == 2
+    assert not list(ckpts.glob(".*.tmp"))  # the partial file is removed, giving back its space
+
+
+@pytest.mark.parametrize("action", ["skip", "stop"])
+def test_an_inf_gradient_triggers_the_guard(tmp_path, synthetic_shards, monkeypatch, action):
+    original = DenoiseStage.manual_backward
+
+    def backward(self, loss, *args, **kwargs):
+        original(self, loss, *args, **kwargs)
+        if self.batches_seen == 5:  # optimizer step 4: the loss is finite, a gradient is not
+            next(p for p in self.parameters() if p.requires_grad).grad[0].fill_(float("inf"))
+
+    monkeypatch.setattr(DenoiseStage, "manual_backward", backward)
+    cfg = compose_cfg(tmp_path, *SHORT, f"stage.guard.action={action}", shards=synthetic_shards)
+    if action == "stop":
+        with pytest.raises(DivergenceError, match="step 4: gradient norm is inf; stopping"):
+            fit(cfg)
+        assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4  # written before the bad step
+        assert not (tmp_path / "export").exists()
+        return
+    assert fit(cfg)["steps"] == STEPS  # eight applied updates from nine batches
+    ckpt = _load(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["lifecycle"]["batches_seen"] == STEPS + 1 and ckpt["lifecycle"]["guard"]["rejected"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+
+
+def _faulty_shards(src: str, out: Path) -> Path:
+    """A shard with an undecodable mp4 and a caption-less sample, and a truncated shard: 53 samples."""
+    out.mkdir()
+    shards = list_shards(src)
+    data = Path(shards[0]).read_bytes()
+    (out / "truncated.tar").write_bytes(data[: len(data) // 3])  # cut mid-member
+    with tarfile.open(shards[0]) as tin, tarfile.open(out / Path(shards[0]).name, "w") as tout:
+        for member in tin.getmembers():
+            payload = tin.extractfile(member).read()
+            key, ext = member.name.split(".", 1)
+            if key == "00000001" and ext == "npy":  # the clip as an mp4 that stops after its header
+                video = encode_video(np.load(io.BytesIO(payload)), "mp4")
+                member, payload = tarfile.TarInfo(f"{key}.mp4"), video[: len(video) // 4]
+            if key == "00000002" and ext == "json":
+                payload = json.dumps({k: v for k, v in json.loads(payload).items() if k != "caption"}).encode()
+            member = tarfile.TarInfo(member.name)
+            member.size = len(payload)
+            tout.addfile(member, io.BytesIO(payload))
+    return out
+
+
+def test_corrupt_data_is_skipped_counted_and_training_continues(tmp_path, synthetic_shards, caplog):
+    shards = _faulty_shards(synthetic_shards, tmp_path / "shards")
+    caplog.set_level("WARNING", logger="lifecycle.data.shards")
+    # 8 steps x 8 clips: more than the shards hold, so every sample is read at least once
+    cfg = compose_cfg(tmp_path / "run", *SHORT, "data.shuffle_buffer=8",
+                      f"stage.curriculum=[{{name:low,resolution:16,frames:8,batch_size:8,steps:{STEPS}}}]",
+                      shards=str(shards))
+    assert fit(cfg)["steps"] == STEPS
+    warnings = [r.getMessage() for r in caplog.records if "skipping corrupt sample" in r.getMessage()]
+    assert any("no caption" in w for w in warnings), warnings
+    assert any("truncated.tar" in w or "ReadError" in w or "unexpected end" in w.lower() for w in warnings), warnings
+    assert any("sample 00000001.mp4 of" in w and "cannot decode video" in w for w in warnings), warnings
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r.get("data/skipped_samples")]
+    assert float(rows[-1]["data/skipped_samples"]) >= 3
