@@ -4,6 +4,7 @@
 # make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
 # make faults: the fault-injection tests (kills, torn and failed checkpoint writes, NaN/Inf, corrupt data, recipe resume).
 # make distributed: every training stage under DDP and FSDP on two CPU processes, LoRA and full fine-tuning.
+# make sweep: VADER K x learning rate from the demo's pre-trained model (Hydra multirun), one table of the jobs.
 # make recaption-report: pre-train on the demo's curated clips with raw captions vs recaptions; held-out fidelity.
 # make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table);
 # BENCH_ARGS=--gpu for the real-size cases on a CUDA device.
@@ -18,9 +19,11 @@ VADER_ARGS ?= reward=vivid  # Hydra overrides for make vader-report
 COMPARE_ARGS ?=             # e.g. --queries 960 -- reward=colour
 BENCH_ARGS ?=               # e.g. --case tiny_video --steps 50
 RECAPTION_ARGS ?= --seeds 0 1  # e.g. --seeds 0 -- trainer.max_steps=500
+SWEEP_ARGS ?= reward=vivid stage.steps=30 stage.evaluation.num_steps=10 stage.sampling.grad_steps=1,2 stage.optimizer.lr=3e-4,1e-3
+SWEEP_DIR ?= multirun/vader-sweep
 PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install demo test smoke faults distributed vader-report compare recaption-report bench clean
+.PHONY: install demo test smoke faults distributed vader-report compare sweep recaption-report bench clean
 
 install: $(VENV)/.installed
 
@@ -33,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) -m lifecycle recipe=tiny hydra.run.dir=$(DEMO_DIR)
-	@echo "run directory: $(DEMO_DIR) (one folder per stage; evaluate/report/table.md compares them)"
+	@echo "run directory: $(DEMO_DIR) (one folder per stage; eval/report/report.md compares them)"
 
 vader-report: install
 	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
@@ -42,6 +45,13 @@ vader-report: install
 compare: install
 	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
 	$(PY) -m lifecycle.bench.compare --pretrained $(PRETRAINED) --out outputs/compare $(COMPARE_ARGS)
+
+sweep: install
+	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
+	rm -rf $(SWEEP_DIR)
+	$(PY) -m lifecycle -m stage=vader model.pretrained=$(PRETRAINED) $(SWEEP_ARGS) hydra.sweep.dir=$(SWEEP_DIR) \
+		trainer.enable_progress_bar=false
+	$(PY) -m lifecycle.sweep $(SWEEP_DIR) --sort after/test/reward --desc --keys '*/reward' fit_seconds
 
 recaption-report: install
 	@test -f $(DEMO_DIR)/curate/shards/curate.json || $(MAKE) demo

@@ -72,6 +72,12 @@ CASES = [
     ("latent cache of a latent cache", ["stage=latent_cache", "data.shards={cache}", "stage.out={empty}/out"],
      "data.shards: '{cache}' is already a latent cache"),
     ("LoRA adapter export without LoRA", ["+stage.export=adapter"], "stage.export: 'adapter' saves a LoRA adapter"),
+    ("missing FID reference videos", ["metrics.reference.shards=/no/reference"],
+     "metrics.reference.shards: no shards at '/no/reference'"),
+    ("missing metric feature extractor", ["metrics.features.model=./no/dinov2"],
+     "metrics.features.model: no such folder './no/dinov2'"),
+    ("evaluation of a folder without an export", ["stage=eval", "stage.models=[{empty}]"],
+     "stage.models[0]: no exported bundle in '{empty}'"),
 ]
 
 

@@ -25,7 +25,7 @@ ARGS = [
     "{name:full,resolution:32,frames:8,batch_size:2,steps:3}]",
     "stage.lr_scheduler.name=constant_with_warmup",  # the schedule does not depend on trainer.max_steps
     "stage.lr_scheduler.warmup_steps=2", "stage.ema.decay=0.9",
-    "stage.samples.num_steps=2", "stage.samples.prompts.n=2",
+    "stage.validation.num_steps=2", "stage.validation.prompts.n=2",
     "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "data.num_workers=0", "data.generate=null",
 ]
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true"]
@@ -89,9 +89,9 @@ PROMPTS = ["prompts.train=[a large green circle moving right quickly on a black 
            "a small blue triangle moving up slowly on a gray background]"]
 STAGES = {
     "pretrain": ["stage=pretrain", "stage.curriculum=[{name:a,resolution:16,frames:8,batch_size:4,steps:2}]",
-                 "stage.samples.num_steps=2", "stage.samples.prompts.n=2"],
+                 "stage.validation.num_steps=2", "stage.validation.prompts.n=2"],
     "sft": ["stage=sft", "stage.curriculum=[{name:a,resolution:16,frames:8,batch_size:4,steps:2}]",
-            "stage.samples.num_steps=2", "stage.samples.prompts.n=2"],
+            "stage.validation.num_steps=2", "stage.validation.prompts.n=2"],
     "dpo": ["stage=dpo", "stage.batch_size=2", "stage.steps=2", "stage.evaluation=null"],
     "ddpo": ["stage=ddpo", "reward=vivid", "stage.epochs=1", "stage.sample.batch_size=2", "stage.sample.num_batches=1",
              "stage.sample.num_steps=4", "stage.ppo.batch_size=1", "stage.evaluation.num_steps=2",

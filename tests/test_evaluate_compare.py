@@ -1,6 +1,7 @@
-"""Side-by-side evaluation of exports (stage=evaluate) and the VADER/DDPO/DPO comparison report."""
+"""Side-by-side evaluation of exports (stage=eval: scores, report) and the VADER/DDPO/DPO comparison report."""
 
 import json
+import math
 import shutil
 
 import lightning as L
@@ -9,6 +10,7 @@ import pytest
 from lifecycle import outputs
 from lifecycle.bench import compare
 from lifecycle.config import ConfigError
+from lifecycle.metrics.report import read_gif
 
 from .helpers import compose_cfg
 
@@ -29,7 +31,7 @@ def test_evaluate_scores_each_export_on_the_same_noise(tmp_path):
     shutil.copytree(tmp_path / "a" / "export", tmp_path / "a_copy")  # a bundle folder itself works too
     models = f"stage.models=[{tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'a_copy'}]"
     out = tmp_path / "eval"
-    cfg = compose_cfg(out, "stage=evaluate", models, "reward=[colour,vivid]", "stage.evaluation.num_steps=2", *PROMPTS)
+    cfg = compose_cfg(out, "stage=eval", models, "reward=[colour,vivid]", "stage.evaluation.num_steps=2", *PROMPTS)
     outputs.configure(cfg)  # as the CLI does
     try:
         result = run(cfg)
@@ -40,17 +42,25 @@ def test_evaluate_scores_each_export_on_the_same_noise(tmp_path):
     assert table["a"] == table["a_copy"]  # same weights, same prompts and noise: the same scores
     assert table["a"]["test"]["reward/vivid"] != table["b"]["test"]["reward/vivid"]
     assert {"reward/colour", "reward/vivid", "colour_accuracy"} <= set(table["b"]["test"])
-    lines = (out / "report" / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| model | colour (train) | colour (test) | vivid (train)")
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| a", "| b", "| a_copy"]
+    assert {"fid", "kid", "temporal_consistency", "motion"} <= set(table["b"]["test"])
+    report = (out / "report" / "report.md").read_text()
+    header = "| model | reward (weighted sum) ↑ | colour ↑ | vivid ↑ | FID ↓ | KID ↓ | temporal consistency ↑ | motion |"
+    assert report.count(header) == 2  # one table per prompt set
+    test_rows = report.split("## test prompts (2)")[1].split("\n\n")[1].splitlines()[2:]
+    assert [r.split(" | ")[0] for r in test_rows] == ["| a", "| b", "| a_copy"]
+    assert f"| {table['b']['test']['fid']:.3f} |" in test_rows[1]
+    assert "No training logs found for a, b, a_copy" in report
+    assert "<table>" in (out / "report" / "report.html").read_text()
+    grid = read_gif(out / "report" / "grid_test.gif")  # 3 models x 2 prompts of 128 px cells, 8 frames
+    assert grid.shape[0] == 8 and grid.shape[1] > 3 * 128 and grid.shape[2] > 2 * 128
     assert (out / "samples" / "b" / "test" / "001.mp4").stat().st_size > 0
     provenance = json.loads((out / "samples" / "b" / "test" / "provenance.json").read_text())
-    assert provenance["stage"] == "evaluate" and provenance["model"]["pretrained"] == str(tmp_path / "b" / "export")
+    assert provenance["stage"] == "eval" and provenance["model"]["pretrained"] == str(tmp_path / "b" / "export")
 
     with pytest.raises(ConfigError, match=r"stage.models\[1\]: no exported bundle"):
-        compose_cfg(out, "stage=evaluate", f"stage.models=[{tmp_path / 'a'},{tmp_path / 'missing'}]")
+        compose_cfg(out, "stage=eval", f"stage.models=[{tmp_path / 'a'},{tmp_path / 'missing'}]")
     with pytest.raises(ConfigError, match="stage.models: list"):
-        compose_cfg(out, "stage=evaluate", "stage.models=[]")
+        compose_cfg(out, "stage=eval", "stage.models=[]")
 
 
 def test_compare_spends_the_same_reward_queries_on_each_method(tmp_path):
@@ -90,3 +100,39 @@ def test_compare_report_has_table_one_and_both_plots(tmp_path):
     for name in ("reward_vs_queries.png", "reward_vs_seconds.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "results.json").read_text())["DDPO"]["1"]["table"]["after"]["test"]["reward"] == 0.32
+
+
+def test_report_curves_come_from_each_exports_run_log(tmp_path):
+    from lifecycle.metrics.report import plot_curves, read_curves, render, run_dir_of
+
+    run = tmp_path / "pretrain"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "lineage.json").write_text(json.dumps({"stage": "pretrain", "step": 4, "run_dir": str(run)}))
+    (run / "metrics.csv").write_text("epoch,step,train/loss,val/fid\n0,0,0.9,\n0,1,0.5,\n0,2,0.4,3.5\n0,3,,2.0\n")
+    assert run_dir_of(run / "export") == run and run_dir_of(tmp_path) is None
+    curves = read_curves(run, ["train/loss", "val/fid", "train/reward"])
+    assert curves == {"train/loss": [(0, 0.9), (1, 0.5), (2, 0.4)], "val/fid": [(2, 3.5), (3, 2.0)]}
+    assert plot_curves({"pretrain": curves, "other": {}}, tmp_path) == ["curve_train_loss.png", "curve_val_fid.png"]
+    assert (tmp_path / "curve_val_fid.png").stat().st_size > 0
+    blocks = [("h2", "a <b>"), ("table", ["model", "FID ↓"], [["x&y", "1.000"]]), ("images", [("g.gif", "grid")])]
+    assert render(blocks, "md") == "## a <b>\n\n| model | FID ↓ |\n|---|---|\n| x&y | 1.000 |\n\n![grid](g.gif)\n"
+    page = render(blocks, "html")
+    assert "<h2>a &lt;b&gt;</h2>" in page and "<td>x&amp;y</td>" in page and '<img src="g.gif" alt="grid">' in page
+
+
+@pytest.mark.parametrize("model, frames", [("tiny_image", 1), ("tiny_svd", 8)])
+def test_eval_takes_image_and_image_to_video_exports(tmp_path, model, frames):
+    from lifecycle.models import build_bundle
+    from lifecycle.stages.evaluate import run
+
+    L.seed_everything(0)
+    build_bundle(compose_cfg(tmp_path / "build", f"model={model}", tiny=False).model).save_pretrained(tmp_path / "m")
+    cfg = compose_cfg(tmp_path / "eval", "stage=eval", f"stage.models=[{tmp_path / 'm'}]", f"stage.frames={frames}",
+                      "stage.evaluation.num_steps=2", "metrics.reference.n=4", *PROMPTS, tiny=False)
+    result = run(cfg)["m"]
+    test = result["test"]
+    assert test["n"] == 2 and math.isfinite(test["fid"])
+    assert math.isnan(result["train"]["fid"]) == (frames == 1)  # one prompt of one frame: no FID
+    if frames == 1:  # a still: nothing changes between frames
+        assert test["temporal_consistency"] == 1.0 and test["motion"] == 0.0
+    assert read_gif(tmp_path / "eval" / "report" / "grid_test.gif").shape[0] == frames

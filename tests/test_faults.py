@@ -35,7 +35,7 @@ SEED = int(os.environ.get("LIFECYCLE_FAULT_SEED", random.SystemRandom().randrang
 STEPS = 8  # checkpoints every 2 steps: step00000N.ckpt, then last.ckpt
 SHORT = [
     f"stage.curriculum=[{{name:low,resolution:16,frames:8,batch_size:4,steps:{STEPS}}}]",
-    "stage.samples.num_steps=2", "stage.samples.prompts.n=2", "stage.lr_scheduler.warmup_steps=2",
+    "stage.validation.num_steps=2", "stage.validation.prompts.n=2", "stage.lr_scheduler.warmup_steps=2",
     "trainer.checkpoint_every_n_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     "data.num_workers=0", "stage.ema.decay=0.9",
 ]

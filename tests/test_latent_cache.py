@@ -97,13 +97,13 @@ def test_pretraining_reads_the_cache_without_running_the_vae_or_text_encoder(cac
     monkeypatch.setattr(ModelBundle, "encode_text", record)
     monkeypatch.setattr(ModelBundle, "encode_posterior", no_vae)
     run = ["stage.curriculum=[{name:a,resolution:32,frames:1,batch_size:8,steps:3}]",
-           "stage.train_text_encoder=false", "stage.samples.num_steps=2", "stage.samples.prompts.n=2",
-           "stage.samples.every_n_steps=0", "trainer.enable_progress_bar=false", "data.num_workers=0"]
+           "stage.train_text_encoder=false", "stage.validation.num_steps=2", "stage.validation.prompts.n=2",
+           "stage.validation.every_n_steps=0", "trainer.enable_progress_bar=false", "data.num_workers=0"]
     cfg = compose_cfg(tmp_path, *run, shards=str(folder))
     assert fit(cfg)["steps"] == 3
     encoded = {p for prompts in texts for p in prompts}
     assert "" in encoded  # the empty caption, for caption dropout
-    assert encoded - {""} <= set(instantiate(cfg.stage.samples.prompts))  # otherwise only the sample prompts
+    assert encoded - {""} <= set(instantiate(cfg.stage.validation.prompts))  # otherwise only the sample prompts
 
     with pytest.raises(ConfigError, match=r"stage.curriculum\[0\]: 1 frames at 64 px"):
         fit(compose_cfg(tmp_path / "b", *run, "stage.curriculum=[{name:a,resolution:64,frames:1,batch_size:8,steps:3}]",

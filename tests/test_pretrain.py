@@ -18,8 +18,8 @@ from .helpers import compose_cfg
 SHORT = [
     "stage.curriculum=[{name:low,resolution:16,frames:8,batch_size:4,steps:4},"
     "{name:full,resolution:32,frames:8,batch_size:2,steps:4}]",
-    "stage.samples.num_steps=2",
-    "stage.samples.prompts.n=2",
+    "stage.validation.num_steps=2",
+    "stage.validation.prompts.n=2",
     "stage.lr_scheduler.warmup_steps=2",
     "trainer.checkpoint_every_n_steps=2",
     "trainer.log_every_n_steps=1",
@@ -124,6 +124,20 @@ def test_guard_skip_drops_the_bad_step_and_finishes(tmp_path, synthetic_shards, 
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
 
 
+def test_validation_logs_scores_every_n_steps_and_keeps_the_best_checkpoint(tmp_path, synthetic_shards):
+    result = fit(compose_cfg(tmp_path, *SHORT, "stage.validation.every_n_steps=2", "stage.validation.best=val/fid",
+                             "stage.validation.prompts.n=4", "metrics.reference.n=16", shards=synthetic_shards))
+    fid = {int(r["step"]): float(r["val/fid"]) for r in rows(tmp_path) if r.get("val/fid")}
+    assert sorted(fid) == [2, 4, 6, 8]  # each validated step once (the end, at step 8, is not logged twice)
+    assert all(r.get("val/kid") and r.get("val/colour_accuracy") for r in rows(tmp_path) if r.get("val/fid"))
+    best = min(fid, key=fid.get)
+    assert torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == best
+    assert result["best"]["val/fid"] == pytest.approx(fid[best], rel=1e-5)
+    for step in (2, 4, 6, 8):
+        assert (tmp_path / "samples" / f"step{step:06d}" / "000.mp4").exists()
+    assert result["fid"] == pytest.approx(fid[8], rel=1e-5)  # the final samples are step 8's
+
+
 @pytest.mark.faults
 def test_guard_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_shards, monkeypatch):
     _poison(monkeypatch, at_batch=5)
@@ -141,8 +155,8 @@ def test_tensorboard_gets_scalars_and_animated_samples(tmp_path, synthetic_shard
     fit(compose_cfg(tmp_path, *SHORT, "logger=tensorboard", "trainer.max_steps=2", shards=synthetic_shards))
     assert (tmp_path / "metrics.csv").exists()  # CSV is kept beside it
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
-    assert "train/loss" in events.Tags()["scalars"]
-    image = events.Images("samples/00")[-1]
+    assert {"train/loss", "val/fid", "val/colour_accuracy"} <= set(events.Tags()["scalars"])
+    image = events.Images("val/00")[-1]
     assert image.encoded_image_string[:4] == b"GIF8" and image.width == 256  # the exported, watermarked GIF
 
 
@@ -158,8 +172,8 @@ def test_wandb_offline_gets_metrics_and_sample_videos(tmp_path, synthetic_shards
 def test_speed_options_train_the_same_weights(tmp_path, synthetic_shards, option):
     """Activation checkpointing recomputes the same activations and torch.compile runs the same math: two steps
     with either option end at the weights of two plain steps."""
-    tiny = ["stage.curriculum=[{name:a,resolution:16,frames:8,batch_size:2,steps:2}]", "stage.samples.prompts.n=1",
-            "stage.samples.num_steps=1", "stage.ema.decay=null", "trainer.enable_progress_bar=false",
+    tiny = ["stage.curriculum=[{name:a,resolution:16,frames:8,batch_size:2,steps:2}]", "stage.validation.prompts.n=1",
+            "stage.validation.num_steps=1", "stage.ema.decay=null", "trainer.enable_progress_bar=false",
             "data.num_workers=0", "stage.optimizer.fused=false"]
     from torch._dynamo.utils import counters
 

@@ -18,7 +18,7 @@ PROMPTS = ["prompts.train=[a large green circle moving right quickly on a black 
 def _recipe(tmp_path, shards):
     common = [*TINY, f"data.shards={shards}", "data.generate=null", "data.num_workers=0", *PROMPTS]
     denoise = ["stage.curriculum=[{name: a, resolution: 16, frames: 8, batch_size: 4, steps: 2}]",
-               "stage.samples.prompts.n=2", "stage.samples.num_steps=2"]
+               "stage.validation.prompts.n=2", "stage.validation.num_steps=2"]
     recipe = {"overrides": common, "stages": [
         {"name": "pretrain", "overrides": ["stage=pretrain", *denoise]},
         {"name": "sft", "overrides": ["stage=sft", *denoise]},

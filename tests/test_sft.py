@@ -12,7 +12,7 @@ from lifecycle.data.shards import CurriculumStream, list_shards
 from .helpers import compose_cfg
 
 TINY_RUN = ["stage.curriculum=[{name: a, resolution: 16, frames: 8, batch_size: 4, steps: 3}]",
-            "stage.samples.prompts.n=2", "stage.samples.num_steps=2", "data.num_workers=0"]
+            "stage.validation.prompts.n=2", "stage.validation.num_steps=2", "data.num_workers=0"]
 
 
 def _sample(key, **meta):

@@ -1,20 +1,35 @@
 """`python -m lifecycle stage=... [key=value ...]` or `recipe=<name>`: one Hydra entry point for every stage."""
 
+import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.utils import get_method
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from .checkpointing import CheckpointWriteError
 from .config import CONF_DIR, ConfigError, validate
 from .outputs import configure as configure_outputs
 from .recipes import run_recipe
-from .secrets import protect
+from .secrets import protect, redact, secret_values
 from .stages.guard import DivergenceError
 
 log = logging.getLogger("lifecycle")
+
+
+@rank_zero_only  # data-parallel ranks share run_dir: rank 0 writes
+def write_result(result, cfg: DictConfig) -> None:
+    """`<run_dir>/result.json` (secrets redacted), written beside and swapped in; `python -m lifecycle.sweep`
+    tables a multirun's."""
+    path = Path(cfg.run_dir) / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(redact(result, secret_values(cfg)), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -33,6 +48,7 @@ def main(cfg: DictConfig):
     except (DivergenceError, CheckpointWriteError) as e:  # the run stopped itself; its last checkpoint is intact
         log.error("stopped: %s", e)
         sys.exit(1)
+    write_result(result, cfg)
     log.info("%s done: %s", f"recipe {cfg.recipe}" if cfg.get("recipe") else cfg.stage.name, result)
     return result
 

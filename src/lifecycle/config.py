@@ -122,7 +122,7 @@ class EMASchema:
 
 
 @dataclass
-class SamplesSchema:
+class ValidationSchema:
     prompts: Any = "???"
     num_steps: int = 25
     guidance_scale: float = 3.0
@@ -131,6 +131,9 @@ class SamplesSchema:
     fps: int = 8
     batch_size: int = 32
     oracle: bool = True
+    metrics: bool = True  # the `metrics` group's FID, KID, CLIP score, temporal consistency and motion
+    best: Optional[str] = None  # keep checkpoints/best.ckpt by this logged metric, e.g. val/fid
+    mode: str = "min"
 
 
 @dataclass
@@ -151,7 +154,7 @@ class DenoiseStageSchema:
     lr_scheduler: LRSchedulerSchema = field(default_factory=LRSchedulerSchema)
     guard: GuardSchema = field(default_factory=GuardSchema)
     ema: EMASchema = field(default_factory=EMASchema)
-    samples: SamplesSchema = field(default_factory=SamplesSchema)
+    validation: ValidationSchema = field(default_factory=ValidationSchema)
     gradient_clip: Optional[float] = 1.0
     accumulate: int = 1
     train_text_encoder: bool = False
@@ -415,13 +418,52 @@ class ToolStageSchema:
 
 
 @dataclass
-class EvaluateStageSchema:
+class ReportSchema:
+    grid_prompts: int = 8  # prompts per set in the sample grids
+    curves: list[str] = field(default_factory=list)  # metrics.csv columns plotted over training steps
+
+
+@dataclass
+class EvalStageSchema:
     name: str = "???"
     run: str = "???"
     models: list[str] = field(default_factory=list)  # export folders, or run directories holding export/
     frames: int = 8
     resolution: int = 32
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+    condition: str = "synthetic"  # image-to-video models: conditioning images (as VADER's stage.condition)
+    metrics: bool = True  # the `metrics` group's FID, KID, CLIP score, temporal consistency and motion
+    report: ReportSchema = field(default_factory=ReportSchema)
+
+
+@dataclass
+class FeaturesSchema:
+    model: Optional[str] = None  # a transformers vision model, hub id or folder; null: thumbnails
+    thumbnail: int = 8
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ReferenceSchema:
+    shards: Optional[str] = None  # webdataset shards; null: clips drawn from the synthetic world
+    n: int = 256
+    seed: int = 1
+
+
+@dataclass
+class KIDSchema:
+    subset_size: int = 100
+    subsets: int = 50
+
+
+@dataclass
+class MetricsSchema:
+    features: FeaturesSchema = field(default_factory=FeaturesSchema)
+    reference: ReferenceSchema = field(default_factory=ReferenceSchema)
+    fid: bool = True
+    kid: Optional[KIDSchema] = field(default_factory=KIDSchema)
+    clip_score: Optional[str] = None  # a CLIP hub id or folder; null: off
+    batch_size: int = 256
 
 
 @dataclass
@@ -442,8 +484,9 @@ class OutputsSchema:
 STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
                  "synthetic": ToolStageSchema, "latent_cache": LatentCacheStageSchema, "dpo": DPOStageSchema,
                  "ddpo": DDPOStageSchema, "preferences": PreferencesStageSchema, "reward_model": RewardModelStageSchema,
-                 "evaluate": EvaluateStageSchema, "curate": CurateStageSchema}
-SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema, "outputs": OutputsSchema}
+                 "eval": EvalStageSchema, "curate": CurateStageSchema}
+SECTION_SCHEMAS = {"trainer": TrainerSchema, "model": ModelSchema, "data": DataSchema, "outputs": OutputsSchema,
+                   "metrics": MetricsSchema}
 TRAINER_STAGES = (DenoiseStageSchema, VaderStageSchema, DPOStageSchema, DDPOStageSchema, RewardModelStageSchema)
 
 
@@ -659,6 +702,12 @@ def validate(cfg: DictConfig) -> DictConfig:
                 raise ConfigError(f"stage.select.{rule}: unknown rule (min, where or keys)")
         if select and select.get("keys") and not os.path.isfile(os.path.expanduser(select["keys"])):
             raise ConfigError(f"stage.select.keys: no key list {select['keys']!r}")
+        val = cfg.stage.validation
+        if val.every_n_steps < 0:
+            raise ConfigError(f"stage.validation.every_n_steps: must be >= 0 (0: only at the end), got {val.every_n_steps}")
+        _choice("stage.validation.mode", val.mode, ("min", "max"))
+        if val.metrics:
+            _check_metrics(cfg)
     if schema is VaderStageSchema:
         _check_prompts(cfg, "train", "test")
         st = cfg.stage
@@ -698,8 +747,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"stage.curve.every_n_steps: must be >= 0 (0: off), got {cfg.stage.curve.every_n_steps}")
         if cfg.stage.curve.every_n_steps:
             _check_prompts(cfg, "train")
-    if schema is EvaluateStageSchema:
-        _check_evaluate(cfg)
+    if schema is EvalStageSchema:
+        _check_eval(cfg)
     if schema is CurateStageSchema:
         _check_curate(cfg)
     if schema is DDPOStageSchema:
@@ -733,7 +782,7 @@ def _uses_reward(cfg: DictConfig, schema) -> bool:
         return st.evaluation is not None or st.curve.every_n_steps > 0
     if schema is PreferencesStageSchema:
         return st.source == "sampled" and not st.annotator
-    return schema in (VaderStageSchema, DDPOStageSchema, EvaluateStageSchema)
+    return schema in (VaderStageSchema, DDPOStageSchema, EvalStageSchema)
 
 
 def _check_outputs(out: DictConfig) -> None:
@@ -782,7 +831,27 @@ def _check_prompts(cfg: DictConfig, *names: str) -> None:
             raise ConfigError(f"prompts.{name}: no prompt file {spec!r}")
 
 
-def _check_evaluate(cfg: DictConfig) -> None:
+def _check_metrics(cfg: DictConfig) -> None:
+    m = cfg.metrics
+    if m.features.thumbnail <= 0:
+        raise ConfigError(f"metrics.features.thumbnail: must be positive, got {m.features.thumbnail}")
+    _check_model_paths("metrics.features", m.features, ("model",))
+    if m.clip_score:
+        _check_model_paths("metrics", m, ("clip_score",))
+    if m.reference.n < 2:
+        raise ConfigError(f"metrics.reference.n: FID needs at least 2 reference videos, got {m.reference.n}")
+    if m.reference.shards is not None:
+        from .data.shards import list_shards
+
+        try:
+            list_shards(m.reference.shards, "metrics.reference.shards")
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(_one_line(e)) from None
+    if m.kid is not None and min(m.kid.subset_size, m.kid.subsets) <= 0:
+        raise ConfigError(f"metrics.kid: subset_size and subsets must be positive, got {dict(m.kid)}")
+
+
+def _check_eval(cfg: DictConfig) -> None:
     if not cfg.stage.models:
         raise ConfigError("stage.models: list the export folders (or run directories) to evaluate")
     for i, path in enumerate(cfg.stage.models):
@@ -790,6 +859,10 @@ def _check_evaluate(cfg: DictConfig) -> None:
         if not any(os.path.isfile(os.path.join(f, "model_index.json")) for f in (folder, os.path.join(folder, "export"))):
             raise ConfigError(f"stage.models[{i}]: no exported bundle in {path!r} (nor in its export/)")
     _check_prompts(cfg, "train", "test")
+    if cfg.stage.condition != "synthetic" and not os.path.isdir(os.path.expanduser(cfg.stage.condition)):
+        raise ConfigError(f"stage.condition: {cfg.stage.condition!r} is neither 'synthetic' nor a folder of images")
+    if cfg.stage.metrics:
+        _check_metrics(cfg)
 
 
 def _check_ddpo(cfg: DictConfig) -> None:

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.ema import EMA
-from .callbacks.samples import SampleVideos
+from .callbacks.validation import Validation, best_checkpoint
 from .checkpointing import AtomicCheckpointIO
 from .config import ConfigError
 from .data.curriculum import Curriculum
@@ -24,6 +24,7 @@ from .data.datamodule import ShardDataModule
 from .data.latent_cache import check_cache, read_manifest
 from .distributed import FSDP2Strategy, gather_bundle
 from .loggers import drop_rows_from
+from .metrics.quality import build_quality
 from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
 from .models.memory import enable_gradient_checkpointing
@@ -138,7 +139,7 @@ def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dic
 
 
 def fit(cfg: DictConfig) -> dict:
-    """`stage=pretrain`: train the denoiser over the curriculum, export the EMA bundle, sample videos."""
+    """`stage=pretrain`: train the denoiser over the curriculum with validation, export the EMA bundle."""
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True)
     s = cfg.stage
@@ -166,20 +167,28 @@ def fit(cfg: DictConfig) -> dict:
         balance=OmegaConf.to_container(cfg.data.balance) if cfg.data.balance else None,
         caption_key=cfg.data.caption_key,
     )
-    last = curriculum.phases[-1]
-    samples = SampleVideos(
-        run_dir / "samples", prompts=instantiate(s.samples.prompts), frames=last.frames, resolution=last.resolution,
-        **{k: v for k, v in OmegaConf.to_container(s.samples).items() if k != "prompts"},
+    last, val = curriculum.phases[-1], s.validation
+    validation = Validation(
+        run_dir / "samples", prompts=instantiate(val.prompts), frames=last.frames, resolution=last.resolution,
+        quality=build_quality(cfg.metrics, last.frames, last.resolution) if val.metrics else None,
+        **{k: v for k, v in OmegaConf.to_container(val).items() if k not in ("prompts", "metrics", "best", "mode")},
     )
+    best = best_checkpoint(run_dir, val.best, val.mode, val.every_n_steps) if val.best and val.every_n_steps else None
+    if val.best and not val.every_n_steps:
+        log.info("stage.validation.best: no best checkpoint, validation runs only at the end (every_n_steps=0)")
     ema = EMA(decay=s.ema.decay, every=s.ema.every) if s.ema.decay else None
     # samples/s, FLOP/s and MFU (where Lightning knows the device's peak) from the module's flops_per_batch
     throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["caption"]),
                                    window_size=cfg.trainer.throughput_window)
-    trainer = build_trainer(cfg, run_dir, [c for c in (ema, samples, throughput) if c is not None], max_steps)
+    trainer = build_trainer(cfg, run_dir, [c for c in (ema, validation, throughput, best) if c is not None], max_steps)
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the final step, for resume and export
-    result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1), **samples.results.get("final", {})}
+    # the final step (full state), for resume and export
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1),
+              **validation.results.get("final", {})}
+    if best is not None and best.best_model_path:
+        result["best"] = {"path": best.best_model_path, val.best: best.best_model_score.item()}
     with ema.swapped(module) if ema else nullcontext():
         export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
                        lineage(cfg, run_dir, trainer.global_step, cfg.data.shards), lora=s.export)

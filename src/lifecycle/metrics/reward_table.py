@@ -52,13 +52,16 @@ def _chunks(videos: torch.Tensor, prompts: list[str], size: int):
 
 
 def evaluate(bundle, reward, prompt_sets: dict[str, list[str]], out_dir: Path, tag: str, settings: dict,
-             write: bool = True) -> dict[str, dict]:
-    """Score every prompt set; with `write`, leave videos and scores under `out_dir/<tag>/<set>/`."""
+             write: bool = True, quality=None) -> dict[str, dict]:
+    """Score every prompt set (with `quality`, a `metrics.quality.VideoQuality`, too); with `write`, leave videos
+    and scores under `out_dir/<tag>/<set>/`."""
     rows = {}
     fps = settings.get("fps", 8)
     kwargs = {k: v for k, v in settings.items() if k != "fps"}
     for name, prompts in prompt_sets.items():
         videos, rows[name] = score_prompts(bundle, reward, prompts, **kwargs)
+        if quality is not None:
+            rows[name].update(quality(videos, prompts))
         if write:
             write_samples(out_dir / tag / name, videos, prompts, rows[name], fps, name="scores.json")
     return rows

@@ -80,7 +80,7 @@ def configure(cfg: DictConfig | None) -> Policy:
 @contextmanager
 def sampled_from(export: str):
     """Within it, exported samples record `export` (and its lineage) as the model that made them, in place of
-    `model.pretrained`: for stages that sample several models (stage=evaluate)."""
+    `model.pretrained`: for stages that sample several models (stage=eval)."""
     global _policy
     before = _policy
     policy = current()

@@ -273,7 +273,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = build_trainer(trainer_cfg, run_dir, curve, s.epochs * per_epoch)
     start = time.time()
     trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     fit_seconds = round(time.time() - start, 1)
 
     bundle.eval()

@@ -220,7 +220,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
     trainer.fit(module, datamodule=pairs, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1)}
 
     if s.evaluation is not None:

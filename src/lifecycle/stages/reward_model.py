@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict:
         _log(trainer, {"val/accuracy": before["accuracy"], "val/loss": before["loss"]}, step=0)
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     fit_seconds = round(time.time() - start, 1)
     after = evaluate()
     _log(trainer, {"val/accuracy": after["accuracy"], "val/loss": after["loss"]}, step=trainer.global_step)
