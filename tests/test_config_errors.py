@@ -76,6 +76,8 @@ CASES = [
      "metrics.reference.shards: no shards at '/no/reference'"),
     ("missing metric feature extractor", ["metrics.features.model=./no/dinov2"],
      "metrics.features.model: no such folder './no/dinov2'"),
+    ("best checkpoint by a score validation does not log", ["stage.validation.best=val/clip_score"],
+     "stage.validation.best: 'val/clip_score' is not one of ['val/colour_accuracy'"),
     ("evaluation of a folder without an export", ["stage=eval", "stage.models=[{empty}]"],
      "stage.models[0]: no exported bundle in '{empty}'"),
 ]

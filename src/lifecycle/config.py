@@ -708,6 +708,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         _choice("stage.validation.mode", val.mode, ("min", "max"))
         if val.metrics:
             _check_metrics(cfg)
+        if val.best:
+            _choice("stage.validation.best", val.best, [f"val/{k}" for k in _validation_scores(cfg)])
     if schema is VaderStageSchema:
         _check_prompts(cfg, "train", "test")
         st = cfg.stage
@@ -849,6 +851,18 @@ def _check_metrics(cfg: DictConfig) -> None:
             raise ConfigError(_one_line(e)) from None
     if m.kid is not None and min(m.kid.subset_size, m.kid.subsets) <= 0:
         raise ConfigError(f"metrics.kid: subset_size and subsets must be positive, got {dict(m.kid)}")
+
+
+def _validation_scores(cfg: DictConfig) -> list[str]:
+    """The scores `stage.validation` logs as val/<name> (lifecycle.callbacks.validation)."""
+    from .metrics.oracle import ORACLE_COLUMNS
+
+    val, m = cfg.stage.validation, cfg.metrics
+    scores = list(ORACLE_COLUMNS) if val.oracle else []
+    if val.metrics:
+        scores += ["temporal_consistency", "motion", *(["fid"] if m.fid else []), *(["kid"] if m.kid else []),
+                   *(["clip_score"] if m.clip_score else [])]
+    return scores
 
 
 def _check_eval(cfg: DictConfig) -> None:

@@ -20,6 +20,7 @@ import torch
 from lifecycle.data.synthetic import COLOURS, DIRECTIONS
 
 NONE = "none"
+ORACLE_COLUMNS = ("colour_accuracy", "direction_accuracy", "both_accuracy")  # the scores of prompt_fidelity
 CHROMA_THRESHOLD = 0.2  # object pixels: chroma above this (fraction of full scale)
 MIN_COLOUR_SHARE = 0.5  # the winning colour needs this share of the object weight
 MIN_DISPLACEMENT = 0.1  # fitted travel over the clip, as a fraction of the frame

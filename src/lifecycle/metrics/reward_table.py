@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from ..callbacks.samples import write_samples
-from ..metrics.oracle import prompt_fidelity
+from ..metrics.oracle import ORACLE_COLUMNS, prompt_fidelity
 from ..rewards.base import WeightedSum
 
-ORACLE_COLUMNS = ("colour_accuracy", "direction_accuracy", "both_accuracy")
 
 
 def sample_videos(bundle, prompts: list[str], *, frames: int, resolution: int, num_steps: int, guidance_scale: float,
