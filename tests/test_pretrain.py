@@ -136,6 +136,11 @@ def test_validation_logs_scores_every_n_steps_and_keeps_the_best_checkpoint(tmp_
     for step in (2, 4, 6, 8):
         assert (tmp_path / "samples" / f"step{step:06d}" / "000.mp4").exists()
     assert result["fid"] == pytest.approx(fid[8], rel=1e-5)  # the final samples are step 8's
+    fit(compose_cfg(tmp_path / "plain", *SHORT, "stage.validation.every_n_steps=0", shards=synthetic_shards))
+    validated, plain = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (tmp_path, tmp_path / "plain"))
+    assert all(torch.equal(validated["state_dict"][k], v) for k, v in plain["state_dict"].items())  # training unchanged
+    shadows = [c["EMA"]["shadow"] for c in (validated["callbacks"], plain["callbacks"])]
+    assert all(torch.equal(shadows[0][k], v) for k, v in shadows[1].items())  # and the EMA weights, swapped back
 
 
 @pytest.mark.faults
