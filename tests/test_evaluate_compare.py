@@ -103,13 +103,13 @@ def test_compare_report_has_table_one_and_both_plots(tmp_path):
 
 
 def test_report_curves_come_from_each_exports_run_log(tmp_path):
-    from lifecycle.metrics.report import plot_curves, read_curves, render, run_dir_of
+    from lifecycle.metrics.report import lineage_of, plot_curves, read_curves, render, run_dir_of
 
     run = tmp_path / "pretrain"
     (run / "export").mkdir(parents=True)
     (run / "export" / "lineage.json").write_text(json.dumps({"stage": "pretrain", "step": 4, "run_dir": str(run)}))
     (run / "metrics.csv").write_text("epoch,step,train/loss,val/fid\n0,0,0.9,\n0,1,0.5,\n0,2,0.4,3.5\n0,3,,2.0\n")
-    assert run_dir_of(run / "export") == run and run_dir_of(tmp_path) is None
+    assert run_dir_of(lineage_of(run / "export")) == run and run_dir_of(lineage_of(tmp_path)) is None
     curves = read_curves(run, ["train/loss", "val/fid", "train/reward"])
     assert curves == {"train/loss": [(0, 0.9), (1, 0.5), (2, 0.4)], "val/fid": [(2, 3.5), (3, 2.0)]}
     assert plot_curves({"pretrain": curves, "other": {}}, tmp_path) == ["curve_train_loss.png", "curve_val_fid.png"]

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from omegaconf import DictConfig
 
 from .checkpointing import CheckpointWriteError
 from .config import CONF_DIR, ConfigError, validate
+from .data.video_io import write_atomically
 from .outputs import configure as configure_outputs
 from .recipes import run_recipe
 from .secrets import protect, redact, secret_values
@@ -25,11 +25,8 @@ log = logging.getLogger("lifecycle")
 def write_result(result, cfg: DictConfig) -> None:
     """`<run_dir>/result.json` (secrets redacted), written beside and swapped in; `python -m lifecycle.sweep`
     tables a multirun's."""
-    path = Path(cfg.run_dir) / "result.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(redact(result, secret_values(cfg)), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(redact(result, secret_values(cfg)), indent=2, default=str) + "\n"
+    write_atomically(Path(cfg.run_dir) / "result.json", text.encode())
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

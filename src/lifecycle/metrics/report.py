@@ -79,12 +79,15 @@ def sample_grids(samples: Path, names: list[str], prompt_set: str, count: int, o
     return [gif, png]
 
 
-def run_dir_of(export: Path) -> Path | None:
-    """The run directory an export was trained in (its lineage.json's `run_dir`), if it still exists."""
+def lineage_of(export: Path) -> dict:
+    """An export's lineage.json ({} without one)."""
     lineage = export / LINEAGE_FILE
-    if not lineage.is_file():
-        return None
-    run_dir = json.loads(lineage.read_text()).get("run_dir")
+    return json.loads(lineage.read_text()) if lineage.is_file() else {}
+
+
+def run_dir_of(lineage: dict) -> Path | None:
+    """The run directory an export was trained in (its lineage's `run_dir`), if it still exists."""
+    run_dir = lineage.get("run_dir")
     return Path(run_dir) if run_dir and Path(run_dir).is_dir() else None
 
 
@@ -170,20 +173,22 @@ def write_report(out: Path, results: dict[str, dict[str, dict]], exports: dict[s
     training curves; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     names = list(results)
-    lineage = {name: run_dir_of(exports[name]) for name in names}
+    lineage = {name: lineage_of(exports[name]) for name in names}
+    runs = {name: run_dir_of(lineage[name]) for name in names}
     blocks = [("h1", "Evaluation"), ("table", ["model", "export", "stage", "step"],
-                                     [[n, str(exports[n]), *_stage_step(exports[n])] for n in names])]
+                                     [[n, str(exports[n]), str(lineage[n].get("stage", "")),
+                                       str(lineage[n].get("step", ""))] for n in names])]
     for prompt_set, prompts in prompt_sets.items():
         blocks += [("h2", f"{prompt_set} prompts ({len(prompts)})"), ("table", *metric_table(results, prompt_set))]
         gif, png = sample_grids(samples, names, prompt_set, grid_prompts, out, fps)
         blocks += [("images", [(gif, f"{prompt_set}: rows are models, columns prompts 0-{min(grid_prompts, len(prompts)) - 1}"),
                                (png, f"{prompt_set}: middle frame")]),
                    ("p", "Prompts: " + "; ".join(f"{i}: {p}" for i, p in enumerate(prompts[:grid_prompts])))]
-    curves = {name: read_curves(lineage[name], curve_columns) for name in names}
+    curves = {name: read_curves(runs[name], curve_columns) for name in names}
     files = plot_curves(curves, out)
     if files:
         blocks += [("h2", "Training curves (each run's metrics.csv)"), ("images", [(f, f) for f in files])]
-    missing = [n for n in names if lineage[n] is None]
+    missing = [n for n in names if runs[n] is None]
     if missing:
         blocks.append(("p", f"No training logs found for {', '.join(missing)} (no lineage.json run_dir on disk)."))
     text = render(blocks, "md")
@@ -191,8 +196,3 @@ def write_report(out: Path, results: dict[str, dict[str, dict]], exports: dict[s
     write_atomically(out / "report.html", render(blocks, "html").encode())
     return text
 
-
-def _stage_step(export: Path) -> list[str]:
-    lineage = export / LINEAGE_FILE
-    made = json.loads(lineage.read_text()) if lineage.is_file() else {}
-    return [str(made.get("stage", "")), str(made.get("step", ""))]
