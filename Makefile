@@ -8,10 +8,18 @@
 # make recaption-report: pre-train on the demo's curated clips with raw captions vs recaptions; held-out fidelity.
 # make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table);
 # BENCH_ARGS=--gpu for the real-size cases on a CUDA device.
+# make lock: regenerate requirements.lock (every dependency pinned) from pyproject.toml's ranges.
+# make test-latest: the suite in a throwaway .venv-latest with the newest releases the ranges allow (finds drift).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# torch: the CPU wheel here; `make install TORCH=` (empty) keeps a cluster's own torch build.
 TORCH ?= torch==2.13.0
+PIP_VERSION ?= 26.3
+PIP_TOOLS_VERSION ?= 7.7.0
+LOCK ?= requirements.lock
+# make lock: LOCK_ARGS=--upgrade-package transformers moves only that one; empty keeps every pin that still fits.
+LOCK_ARGS ?= --upgrade
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 DEMO_DIR ?= outputs/demo
@@ -23,16 +31,41 @@ SWEEP_ARGS ?= reward=vivid stage.steps=30 stage.evaluation.num_steps=10 stage.sa
 SWEEP_DIR ?= multirun/vader-sweep
 PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install demo test smoke faults distributed vader-report compare sweep recaption-report bench clean
+.PHONY: install lock test-latest demo test smoke faults distributed vader-report compare sweep recaption-report bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exact versions from the lock: torch first (constrained by the lock's pins of its own dependencies), then
+# every other package at its locked version, then the project itself without resolving anything.
+# LOCKED=0 installs the newest releases pyproject.toml's ranges allow instead (make test-latest).
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]" "$(TORCH)"
+	$(PY) -m pip install -q "pip==$(PIP_VERSION)"
+ifeq ($(LOCKED),0)
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]" $(TORCH)
+else
+	$(if $(TORCH),$(PY) -m pip install -q -c $(LOCK) "$(TORCH)")
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+endif
+	$(PY) -m pip check
+	$(PY) -m pip freeze --all --exclude pip --exclude-editable > $(VENV)/installed.txt
 	touch $@
+
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q "pip==$(PIP_VERSION)" "pip-tools==$(PIP_TOOLS_VERSION)"
+	echo "$(TORCH)" > .venv-lock/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q $(LOCK_ARGS) --extra dev --strip-extras \
+		--unsafe-package torch -c .venv-lock/torch.txt --no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml
+
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) install VENV=.venv-latest LOCKED=0
+	@echo "newest releases against $(LOCK) (< locked, > newest):"
+	@grep -h '^[a-zA-Z0-9]' $(LOCK) | tr 'A-Z_' 'a-z-' | sort > .venv-latest/locked.txt
+	@tr 'A-Z_' 'a-z-' < .venv-latest/installed.txt | sort | diff .venv-latest/locked.txt - | grep '^[<>]' || echo "  no difference"
+	.venv-latest/bin/python -m pytest -q
 
 demo: install
 	$(PY) -m lifecycle recipe=tiny hydra.run.dir=$(DEMO_DIR)

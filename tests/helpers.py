@@ -22,3 +22,34 @@ def compose_cfg(run_dir, *overrides, shards=None, tiny: bool = True):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"run_dir={run_dir}", *(TINY if tiny else []), *extra, *overrides])
     return validate(cfg)
+
+
+def record_vader_sampling(monkeypatch) -> list[tuple[int, list[bool]]]:
+    """Make runs of `lifecycle.align.vader` record each training step as (the number of last sampling steps the
+    stage drew to keep gradients, whether gradients were on in each denoiser call of the stage's own sampling)."""
+    import torch
+
+    import lifecycle.align
+    from lifecycle.stages.vader import VaderStage, truncation_steps
+
+    steps = []
+
+    class Recording(VaderStage):
+        def training_step(self, batch, batch_idx):
+            # the stage draws K from its per-batch generator first; a fresh copy of that generator repeats the draw
+            drawn = truncation_steps(self.sampling["grad_mode"], self.sampling["grad_steps"], self.step_generator())
+            calls, denoise = [], self.bundle.denoise
+
+            def recorded(*args):
+                calls.append(torch.is_grad_enabled())
+                return denoise(*args)
+
+            self.bundle.denoise = recorded
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                del self.bundle.denoise
+                steps.append((drawn, calls))
+
+    monkeypatch.setattr(lifecycle.align, "VaderStage", Recording)
+    return steps

@@ -77,6 +77,19 @@ def test_log_prob_is_the_gaussian_density_of_the_ddim_posterior():
         assert log_prob[i].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_the_steps_own_draws_average_to_the_negative_entropy_of_diffusers_step_noise():
+    """Independent of the σ formula above: σ_t is read off diffusers' DDIM step (variance noise z moves x_prev by
+    σ_t·z), and the mean log-density of the step's own draws is E[log N(x; μ, σ²)] = −½ − log σ − ½ log 2π."""
+    s = _scheduler("epsilon", alpha_to_one=False)
+    x, out = _randn(1, 3, 4, 32, 32, seed=1), _randn(1, 3, 4, 32, 32, seed=2)  # 12,288 dimensions averaged
+    for t in s.timesteps:
+        ones = torch.ones_like(x)
+        sigma = (s.step(out, t, x, eta=0.9, variance_noise=ones).prev_sample
+                 - s.step(out, t, x, eta=0.9, variance_noise=0 * ones).prev_sample).mean().item()
+        _, log_prob = ddim_step_with_logprob(s, out, t, x, 0.9, generator=torch.Generator().manual_seed(int(t)))
+        assert log_prob.item() == pytest.approx(-0.5 - math.log(sigma) - 0.5 * math.log(2 * math.pi), abs=0.02), int(t)
+
+
 def test_deterministic_ddim_has_no_log_prob_and_only_ddim_is_accepted():
     s = _scheduler()
     with pytest.raises(ValueError, match="eta"):
@@ -191,6 +204,23 @@ def test_ppo_loss_by_hand():
     assert clipped.item() == pytest.approx(2 / 3)
     loss.backward()  # the clipped terms carry no gradient; the last: d(−5·r/3)/d logp = −5/3 at r = 1
     torch.testing.assert_close(log_prob.grad, torch.tensor([0.0, 0.0, -5 / 3]))
+
+
+def test_ppo_gradient_vanishes_only_outside_the_trust_region_in_the_advantages_direction():
+    """PPO's rule, not its formula: a sample whose ratio has left [1 − ε, 1 + ε] the way its advantage pushes it
+    (up for A > 0, down for A < 0) gets no gradient; every other sample gets d(−A·r)/d log p / N = −A·r / N."""
+    eps, ratios = 0.2, [0.5, 0.85, 1.0, 1.15, 1.5]
+    for a in (1.0, -1.0):
+        old = torch.zeros(len(ratios))
+        log_prob = torch.tensor(ratios).log().requires_grad_()
+        loss, _, _ = ppo_loss(torch.full_like(old, a), log_prob, old, clip_range=eps, adv_clip_max=5.0)
+        loss.backward()
+        outside = [r > 1 + eps if a > 0 else r < 1 - eps for r in ratios]
+        expected = [0.0 if out else -a * r / len(ratios) for r, out in zip(ratios, outside)]
+        torch.testing.assert_close(log_prob.grad, torch.tensor(expected))
+        # the paper's form: L = −E[min(r·A, clip(r, 1 − ε, 1 + ε)·A)]
+        paper = -sum(min(r * a, min(max(r, 1 - eps), 1 + eps) * a) for r in ratios) / len(ratios)
+        assert loss.item() == pytest.approx(paper)
 
 
 # -- the stage --------------------------------------------------------------------------------------

@@ -120,6 +120,26 @@ def test_report_curves_come_from_each_exports_run_log(tmp_path):
     assert "<h2>a &lt;b&gt;</h2>" in page and "<td>x&amp;y</td>" in page and '<img src="g.gif" alt="grid">' in page
 
 
+def test_grid_columns_are_labelled_with_their_prompts_wrapped_to_the_cell():
+    import numpy as np
+    from PIL import ImageFont
+
+    from lifecycle.metrics.report import CELL, tile, wrap
+
+    font = ImageFont.load_default()
+    prompt = "a large red triangle moving left quickly on a black background"
+    lines = wrap(prompt, font, CELL)
+    assert len(lines) > 1 and " ".join(lines) == prompt.removeprefix("a ")  # it fits: every word kept
+    assert all(font.getlength(line) <= CELL for line in lines)
+    long = wrap("colour " * 60, font, CELL)
+    assert len(long) == 4 and long[-1].endswith("...") and font.getlength(long[-1]) <= CELL
+    black = np.zeros((2, 8, 8, 3), np.uint8)
+    labelled, blank = (tile([[black, black]], ["model"], heads) for heads in ([prompt, "b"], ["", ""]))
+    assert labelled.shape[1] > blank.shape[1]  # room for the wrapped lines above the clips
+    header = labelled[0, : labelled.shape[1] - blank.shape[1]]
+    assert (header < 100).any(axis=-1).sum() > 50  # text was drawn there
+
+
 @pytest.mark.parametrize("model, frames", [("tiny_image", 1), ("tiny_svd", 8)])
 def test_eval_takes_image_and_image_to_video_exports(tmp_path, model, frames):
     from lifecycle.models import build_bundle

@@ -1,6 +1,7 @@
 """The pre-training stage end to end on CPU: curriculum, logging, guard, EMA, checkpoints, exact resume."""
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,23 @@ def test_validation_logs_scores_every_n_steps_and_keeps_the_best_checkpoint(tmp_
     assert all(torch.equal(validated["state_dict"][k], v) for k, v in plain["state_dict"].items())  # training unchanged
     shadows = [c["EMA"]["shadow"] for c in (validated["callbacks"], plain["callbacks"])]
     assert all(torch.equal(shadows[0][k], v) for k, v in shadows[1].items())  # and the EMA weights, swapped back
+
+
+@pytest.mark.faults
+def test_validation_of_diverged_weights_reports_nan_and_keeps_the_last_finite_best(tmp_path, synthetic_shards,
+                                                                                   monkeypatch):
+    """With the guard blind, a NaN loss at batch 3 poisons the weights: validation must neither crash the process
+    (FID's matrix square root on NaN features) nor choose a NaN step as the best checkpoint."""
+    from lifecycle.stages.guard import LossGuard
+
+    _poison(monkeypatch, at_batch=3)
+    monkeypatch.setattr(LossGuard, "problem", lambda self, value, name="loss": None)
+    result = fit(compose_cfg(tmp_path, *SHORT, "stage.validation.every_n_steps=2", "stage.validation.best=val/fid",
+                             "stage.validation.prompts.n=4", "metrics.reference.n=16", shards=synthetic_shards))
+    fid = {int(r["step"]): float(r["val/fid"]) for r in rows(tmp_path) if r.get("val/fid")}
+    assert sorted(fid) == [2, 4, 6, 8] and math.isfinite(fid[2])
+    assert all(math.isnan(fid[step]) for step in (4, 6, 8)) and math.isnan(result["fid"])
+    assert torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)["global_step"] == 2
 
 
 @pytest.mark.faults

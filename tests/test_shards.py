@@ -43,6 +43,25 @@ def test_resume_at_any_batch_gives_the_same_batches(synthetic_shards, workers, s
         assert torch.equal(a["video"], b["video"])
 
 
+def test_the_decoded_cache_decodes_each_sample_once_and_changes_no_batch(synthetic_shards, monkeypatch):
+    """160 clips read 3 times over (in-process): with the cache each is decoded once; batches stay bit-identical.
+    A budget smaller than one clip caches nothing."""
+    import lifecycle.data.shards as shards
+
+    decoded = []
+    original = shards.decode_sample
+    monkeypatch.setattr(shards, "decode_sample", lambda sample, *a: decoded.append(sample["__key__"]) or original(sample, *a))
+    urls = list_shards(synthetic_shards)
+    runs = {}
+    for mb in (0, 64, 0.01):
+        decoded.clear()
+        runs[mb] = batches(urls, 3 + 118, decoded_cache_mb=mb)  # 18 + 472 samples
+        runs[mb, "decodes"] = len(decoded)
+    assert runs[64, "decodes"] == 160 and runs[0, "decodes"] == runs[0.01, "decodes"] >= 490
+    for a, b in zip(runs[0], runs[64]):
+        assert a["caption"] == b["caption"] and torch.equal(a["video"], b["video"])
+
+
 def test_each_run_is_deterministic_and_reads_many_clips(synthetic_shards):
     urls = list_shards(synthetic_shards)
     a, b = batches(urls, 5, workers=2), batches(urls, 5, workers=2)

@@ -10,7 +10,7 @@ from lifecycle.config import ConfigError
 from lifecycle.diffusion.sampling import sample
 from lifecycle.stages.vader import frame_subset, truncation_steps
 
-from .helpers import CONF_DIR, compose_cfg
+from .helpers import CONF_DIR, compose_cfg, record_vader_sampling
 
 FAST = ["stage=vader", "stage.steps=6", "stage.batch_size=2", "stage.sampling.num_steps=4",
         "stage.evaluation.num_steps=4", "prompts.test=[a large red triangle moving left quickly on a black background,"
@@ -81,6 +81,21 @@ def test_truncation_modes_and_frame_subsets():
     assert frame_subset(8, None, g) is None and frame_subset(8, 8, g) is None
     idx = frame_subset(8, 3, g)
     assert len(idx) == 3 and len(set(idx.tolist())) == 3 and idx.tolist() == sorted(idx.tolist()) and idx.max() < 8
+
+
+@pytest.mark.parametrize("mode, k", [("last", 1), ("rand", 1), ("rand", 3)])
+def test_the_stage_backpropagates_through_exactly_its_last_k_sampling_steps(tmp_path, synthetic_shards, monkeypatch,
+                                                                           mode, k):
+    """The stage's own sampling (4 steps), not only the sampler: gradients on in the last K denoiser calls alone."""
+    from lifecycle.align import vader
+
+    steps = record_vader_sampling(monkeypatch)
+    vader(compose_cfg(tmp_path, *FAST, "stage.steps=3", "stage.evaluation.batch_size=2",
+                      f"stage.sampling.grad_mode={mode}", f"stage.sampling.grad_steps={k}", shards=synthetic_shards))
+    assert len(steps) == 3
+    for drawn, calls in steps:
+        assert drawn == k if mode == "last" else 1 <= drawn <= k
+        assert calls == [False] * (4 - drawn) + [True] * drawn
 
 
 def test_config_errors_name_the_key(tmp_path):

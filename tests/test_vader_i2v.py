@@ -13,7 +13,7 @@ from lifecycle.data.synthetic import BACKGROUNDS, COLOURS
 from lifecycle.data.video_io import decode_video
 from lifecycle.rewards.synthetic import TemporalConsistencyReward
 
-from .helpers import CONF_DIR, TINY
+from .helpers import CONF_DIR, TINY, record_vader_sampling
 
 FRAMES, RES = 4, 16
 PROMPTS = ["a large red square moving left slowly on a black background",
@@ -150,6 +150,17 @@ def test_vader_with_a_prompt_reward_on_an_image_to_video_model(tmp_path, capture
     assert any(not torch.equal(p, captured["initial"][n]) for n, p in module.named_parameters()
                if n in captured["initial"])
     assert not any(p.requires_grad for p in module.bundle.image_encoder.parameters())
+
+
+@pytest.mark.parametrize("mode", ["last", "rand"])
+def test_the_stage_backpropagates_through_the_last_step_of_the_last_clip_only(tmp_path, monkeypatch, mode):
+    """Two clips of 4 sampling steps, K = 1: the first clip without gradients, the second through its last step."""
+    from lifecycle.align import vader
+
+    steps = record_vader_sampling(monkeypatch)
+    vader(svd_cfg(tmp_path, "stage.clips=2", "stage.sampling.num_steps=4", "stage.sampling.grad_steps=1",
+                  f"stage.sampling.grad_mode={mode}"))
+    assert steps == [(1, [False] * 4 + [False] * 3 + [True])] * 2
 
 
 def test_long_horizon_scores_every_clip_and_trains_only_through_the_last(tmp_path, captured):

@@ -17,6 +17,7 @@ from .outputs import configure as configure_outputs
 from .recipes import run_recipe
 from .secrets import protect, redact, secret_values
 from .stages.guard import DivergenceError
+from .summary import summary
 
 log = logging.getLogger("lifecycle")
 
@@ -46,7 +47,8 @@ def main(cfg: DictConfig):
         log.error("stopped: %s", e)
         sys.exit(1)
     write_result(result, cfg)
-    log.info("%s done: %s", f"recipe {cfg.recipe}" if cfg.get("recipe") else cfg.stage.name, result)
+    name = f"recipe {cfg.recipe}" if cfg.get("recipe") else cfg.stage.name
+    log.info("%s done:\n%s", name, summary(result, Path(cfg.run_dir), cfg.get("recipe") or cfg.stage.name))
     return result
 
 

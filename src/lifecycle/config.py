@@ -68,6 +68,7 @@ class DataSchema:
     shuffle_buffer: int = 256
     generate: Any = None
     caption_key: str = "caption"  # the metadata field trained on (curated shards also keep original_caption)
+    decoded_cache_mb: float = 1024  # decoded samples kept in memory per loader worker (0: decode every read)
     balance: Any = None  # {key: metadata field, classes: null | [values]}: each class equally often (data/shards.py)
 
 

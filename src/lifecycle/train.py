@@ -165,7 +165,7 @@ def fit(cfg: DictConfig) -> dict:
         shuffle_buffer=cfg.data.shuffle_buffer, accumulate=s.accumulate, generate=cfg.data.generate,
         select=OmegaConf.to_container(s.select) if s.select else None, split=cfg.data.split,
         balance=OmegaConf.to_container(cfg.data.balance) if cfg.data.balance else None,
-        caption_key=cfg.data.caption_key,
+        caption_key=cfg.data.caption_key, decoded_cache_mb=cfg.data.decoded_cache_mb,
     )
     last, val = curriculum.phases[-1], s.validation
     validation = Validation(

@@ -23,11 +23,13 @@ class ShardDataModule(L.LightningDataModule):
 
     def __init__(self, shards: str, curriculum: Curriculum, seed: int = 0, num_workers: int = 1,
                  shuffle_buffer: int = 256, accumulate: int = 1, generate=None, select: dict | None = None,
-                 split: str = "global", balance: dict | None = None, caption_key: str = "caption"):
+                 split: str = "global", balance: dict | None = None, caption_key: str = "caption",
+                 decoded_cache_mb: float = 0):
         super().__init__()
         self.shards, self.curriculum, self.seed, self.split = shards, curriculum, seed, split
         self.num_workers, self.shuffle_buffer, self.accumulate = num_workers, shuffle_buffer, accumulate
         self.generate, self.balance, self.caption_key = generate, balance, caption_key
+        self.decoded_cache_mb = decoded_cache_mb
         self.select = Selection(**select) if select else None
 
     def prepare_data(self) -> None:
@@ -48,7 +50,7 @@ class ShardDataModule(L.LightningDataModule):
             self.urls, self.curriculum, seed=self.seed, start_batch=trainer.lightning_module.batches_seen,
             shuffle_buffer=self.shuffle_buffer, accumulate=self.accumulate,
             rank=trainer.global_rank, world_size=trainer.world_size, select=self.select, split=self.split,
-            balance=self.balance, caption_key=self.caption_key,
+            balance=self.balance, caption_key=self.caption_key, decoded_cache_mb=self.decoded_cache_mb,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 

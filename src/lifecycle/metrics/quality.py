@@ -208,14 +208,22 @@ class VideoQuality:
         features = torch.cat([self.features(x) for x in self._batches(frames)]).view(b, f, -1)
         row = {"temporal_consistency": temporal_consistency(features).mean().item(),
                "motion": motion_magnitude(videos).mean().item()}
-        measurable = len(frames) >= 2
-        if not measurable and (self.fid is not None or self.kid is not None):
+        # FID's matrix square root on non-finite features (samples of diverged weights) can crash LAPACK and with
+        # it the process: such a batch is reported as NaN instead.
+        finite = bool(torch.isfinite(features).all() and torch.isfinite(videos).all())
+        measurable = len(frames) >= 2 and finite
+        if not finite:
+            log.warning("sample quality: the videos or their features hold NaN/Inf (diverged weights?); FID, KID "
+                        "and CLIP score reported as NaN")
+        elif not measurable and (self.fid is not None or self.kid is not None):
             log.warning("FID/KID: need 2 or more generated frames, got %d; reported as NaN", len(frames))
         if self.fid is not None:
             row["fid"] = self._fid(frames) if measurable else math.nan
         if self.kid is not None:
             row["kid"], row["kid_std"] = self._kid(frames) if measurable else (math.nan, math.nan)
-        if self.clip is not None:
+        if self.clip is not None and not finite:
+            row["clip_score"] = math.nan
+        elif self.clip is not None:
             self.clip.reset()
             pixels = (frames * 255).round().to(torch.uint8)
             texts = [p for p in prompts for _ in range(f)]

@@ -42,18 +42,37 @@ def read_gif(path: Path) -> np.ndarray:
         return np.stack([np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)])
 
 
-def tile(rows: list[list[np.ndarray]], labels: list[str], cell: int = CELL) -> np.ndarray:
+def wrap(text: str, font, width: int, lines: int = 4) -> list[str]:
+    """`text` broken at spaces into at most `lines` lines of at most `width` px; what does not fit ends in '...'."""
+    words, out = text.removeprefix("a ").split(), []
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while words and font.getlength(f"{line} {words[0]}") <= width:
+            line += " " + words.pop(0)
+        out.append(line)
+    if words:
+        last = out[-1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        out[-1] = last.rstrip() + "..."
+    return out
+
+
+def tile(rows: list[list[np.ndarray]], labels: list[str], columns: list[str], cell: int = CELL) -> np.ndarray:
     """Rows of (F, H, W, 3) clips -> one (F, H', W', 3) video: each clip resized to `cell` px, its row's label on
-    the left, columns numbered on top."""
+    the left, its column's label (a prompt, wrapped to the cell's width) on top."""
     font = ImageFont.load_default()
     gap, label_w = 4, max(round(font.getlength(label)) for label in labels) + 8
-    top = font.getbbox("0")[3] + 2 * gap
+    heads = [wrap(text, font, cell) for text in columns]
+    line_h = font.getbbox("Ag")[3] + 2
+    top = max(map(len, heads), default=0) * line_h + 2 * gap
     frames = max(len(c) for row in rows for c in row)
-    columns = max(len(row) for row in rows)
-    canvas = Image.new("RGB", (label_w + columns * (cell + gap), top + len(rows) * (cell + gap)), (235, 235, 235))
+    width = max(len(row) for row in rows)
+    canvas = Image.new("RGB", (label_w + width * (cell + gap), top + len(rows) * (cell + gap)), (235, 235, 235))
     draw = ImageDraw.Draw(canvas)
-    for j in range(columns):
-        draw.text((label_w + j * (cell + gap) + cell // 2 - 4, gap), str(j), fill=(0, 0, 0), font=font)
+    for j, head in enumerate(heads[:width]):
+        for k, line in enumerate(head):
+            draw.text((label_w + j * (cell + gap), gap + k * line_h), line, fill=(0, 0, 0), font=font)
     for i, label in enumerate(labels):
         draw.text((gap, top + i * (cell + gap) + cell // 2 - 6), label, fill=(0, 0, 0), font=font)
     video = np.repeat(np.asarray(canvas)[None], frames, axis=0)
@@ -66,11 +85,13 @@ def tile(rows: list[list[np.ndarray]], labels: list[str], cell: int = CELL) -> n
     return video
 
 
-def sample_grids(samples: Path, names: list[str], prompt_set: str, count: int, out: Path, fps: int) -> list[str]:
-    """`grid_<set>.gif` (rows: models, columns: the set's first `count` prompts) and `grid_<set>.png`, its middle
-    frame; returns the two file names."""
-    rows = [[read_gif(path) for path in sorted((samples / name / prompt_set).glob("*.gif"))[:count]] for name in names]
-    video = tile(rows, names)
+def sample_grids(samples: Path, names: list[str], prompt_set: str, prompts: list[str], out: Path,
+                 fps: int) -> list[str]:
+    """`grid_<set>.gif` (rows: models, columns: `prompts`, the set's first few, labelled on top) and `grid_<set>.png`,
+    its middle frame; returns the two file names."""
+    rows = [[read_gif(path) for path in sorted((samples / name / prompt_set).glob("*.gif"))[:len(prompts)]]
+            for name in names]
+    video = tile(rows, names, prompts)
     gif, png = f"grid_{prompt_set}.gif", f"grid_{prompt_set}.png"
     write_video(out / gif, video, fps=fps)
     buffer = io.BytesIO()
@@ -180,8 +201,8 @@ def write_report(out: Path, results: dict[str, dict[str, dict]], exports: dict[s
                                        str(lineage[n].get("step", ""))] for n in names])]
     for prompt_set, prompts in prompt_sets.items():
         blocks += [("h2", f"{prompt_set} prompts ({len(prompts)})"), ("table", *metric_table(results, prompt_set))]
-        gif, png = sample_grids(samples, names, prompt_set, grid_prompts, out, fps)
-        blocks += [("images", [(gif, f"{prompt_set}: rows are models, columns prompts 0-{min(grid_prompts, len(prompts)) - 1}"),
+        gif, png = sample_grids(samples, names, prompt_set, prompts[:grid_prompts], out, fps)
+        blocks += [("images", [(gif, f"{prompt_set}: rows are models, columns the first {grid_prompts} prompts"),
                                (png, f"{prompt_set}: middle frame")]),
                    ("p", "Prompts: " + "; ".join(f"{i}: {p}" for i, p in enumerate(prompts[:grid_prompts])))]
     curves = {name: read_curves(runs[name], curve_columns) for name in names}

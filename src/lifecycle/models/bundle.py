@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import zipfile
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -42,6 +43,21 @@ FRAMEWISE_VAES = (AutoencoderKL, AutoencoderKLTemporalDecoder)  # 2D encoders: f
 LINEAGE_FILE = "lineage.json"
 TRUSTED_LIBRARIES = ("diffusers", "transformers", "lifecycle")  # model_index.json classes importable without trust
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+ALIGNMENT = 64  # bytes: what torch's CPU allocator gives, and what MKL needs for reproducible results
+
+
+def realign(module: nn.Module) -> None:
+    """Give every CPU weight of `module` that lies off a 64-byte boundary an aligned copy.
+
+    diffusers and transformers load safetensors weights as views into the file's buffer, at whatever byte offset
+    the file stores them (often only 4-byte aligned). MKL, torch's CPU BLAS, sums in a different order for
+    unaligned operands (its reproducibility guarantee requires 64-byte alignment), so a model reloaded from its
+    own export gave outputs that differed from the saved model's in the last bits. Aligned copies make a reload
+    compute bit-identically.
+    """
+    for tensor in chain(module.parameters(), module.buffers()):
+        if tensor.device.type == "cpu" and tensor.data_ptr() % ALIGNMENT:
+            tensor.data = tensor.data.clone()
 
 
 def _library_of(obj) -> str:
@@ -310,6 +326,8 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
             found[name] = klass.from_pretrained(path_or_id, subfolder=name, **extra)
             if name in DENOISER_FOLDERS and adapter_folder(Path(path_or_id) / name).is_dir():
                 load_adapter(found[name], adapter_folder(Path(path_or_id) / name))
+            if isinstance(found[name], nn.Module):
+                realign(found[name])
         denoiser = next((found[n] for n in DENOISER_FOLDERS if n in found), None)
         conditioner = ("image_encoder",) if "image_encoder" in found else ("text_encoder", "tokenizer")
         missing = [n for n in (*conditioner, "scheduler") if n not in found]
