@@ -1,7 +1,8 @@
 """Bad configuration and input stop a run at start-up, before any model is built, with one line naming the key.
 
-CASES is the README's table of checked cases: (case, overrides, the start of the message). `{empty}`, `{pairs}`
-and `{cache}` stand for an empty folder, a folder of pair shards and a latent cache (the `folders` fixture).
+CASES is the README's table of checked cases: (case, overrides, the start of the message). `{empty}`, `{pairs}`,
+`{cache}` and `{prompts}` stand for an empty folder, a folder of pair shards, a latent cache and a prompt file
+without prompts (the `folders` fixture).
 """
 
 import json
@@ -80,6 +81,17 @@ CASES = [
      "stage.validation.best: 'val/clip_score' is not one of ['val/colour_accuracy'"),
     ("evaluation of a folder without an export", ["stage=eval", "stage.models=[{empty}]"],
      "stage.models[0]: no exported bundle in '{empty}'"),
+    ("value that cannot work", ["trainer.max_steps=0"], "trainer.max_steps: must be >= 1, or null for the stage's"),
+    ("value that cannot work", ["trainer.max_steps=-1"], "trainer.max_steps: must be >= 1"),
+    ("value that cannot work", ["stage.optimizer.lr=-1e-3"], "stage.optimizer.lr: must be > 0, got -0.001"),
+    ("value that cannot work", ["stage=sft", "stage.lora.rank=0"], "stage.lora.rank: must be >= 1, got 0"),
+    ("value that cannot work", ["stage.ema.decay=1.5"], "stage.ema.decay: must be in [0, 1), or null for no EMA"),
+    ("value that cannot work", ["stage=dpo", "stage.pairs={pairs}", "stage.guard.max_skips_in_a_row=0"],
+     "stage.guard.max_skips_in_a_row: must be >= 1"),
+    ("value that cannot work", ["data.max_bad_share=0"], "data.max_bad_share: must be in (0, 1]"),
+    ("empty prompt file", ["stage=vader", "prompts.train={prompts}"], "prompts.train: the prompt set is empty"),
+    ("shards folder without shards", ["data.shards={empty}", "data.generate=null"],
+     "data.shards: no shards at '{empty}' (the folder holds no *.tar)"),
 ]
 
 
@@ -91,7 +103,8 @@ def folders(tmp_path_factory):
     (root / "pairs" / "pairs-000000.tar").touch()
     (root / "cache").mkdir()
     (root / "cache" / "cache.json").write_text(json.dumps({"frames": 8, "resolution": 32}))
-    return {name: str(root / name) for name in ("empty", "pairs", "cache")}
+    (root / "prompts").write_text("# comments and blank lines only\n\n")
+    return {name: str(root / name) for name in ("empty", "pairs", "cache", "prompts")}
 
 
 def fill(text: str, folders: dict) -> str:

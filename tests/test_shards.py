@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lifecycle.data.curriculum import Curriculum
-from lifecycle.data.shards import CurriculumStream, list_shards, resize_clip
+from lifecycle.data.shards import CurriculumStream, DataError, as_uint8, list_shards, resize_clip
 
 PHASES = [
     {"name": "low", "resolution": 16, "frames": 4, "batch_size": 6, "steps": 3},
@@ -109,6 +109,77 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, synthetic_shards):
     out = batches([str(bad)], 8)  # more than one pass over the shard's 40 samples
     assert out[-1]["skipped"] >= 3  # two garbled members and one caption-less sample, per pass
     assert [b["video"].shape[0] for b in out[:3]] == [6, 6, 6]  # batches stay full
+
+
+def _shard(path, samples: dict[str, dict[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_video_dtypes_and_ranges_are_checked_not_guessed(tmp_path):
+    clip = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    assert as_uint8(clip, "x") is clip
+    np.testing.assert_array_equal(as_uint8(clip.astype(np.float32) / 255, "x"), clip)  # float in [0, 1]
+    for bad, match in [(clip.astype(np.float32), r"values in \[0, 255\].*\[0, 1\]"), (clip.astype(np.int16), "dtype int16"),
+                       (np.full((4, 8, 8, 3), np.nan, np.float32), "NaN")]:
+        with pytest.raises(ValueError, match=match):
+            as_uint8(bad, "x")
+    # through the stream: a float shard in [0, 1] gives the uint8 shard's batch; a float one in 0..255 is skipped
+    meta = b'{"caption": "a red circle"}'
+    as_int = _shard(tmp_path / "u8.tar", {f"{i:03d}": {"npy": _npy(clip), "json": meta} for i in range(6)})
+    as_float = _shard(tmp_path / "f32.tar", {f"{i:03d}": {"npy": _npy(clip.astype(np.float32) / 255), "json": meta}
+                                             for i in range(6)})
+    torch.testing.assert_close(batches([as_float], 1)[0]["video"], batches([as_int], 1)[0]["video"], rtol=0, atol=0)
+    wrong = _shard(tmp_path / "f255.tar", {f"{i:03d}": {"npy": _npy(clip.astype(np.float32)), "json": meta}
+                                           for i in range(6)})
+    with pytest.raises(DataError, match="data.max_bad_share: 100 of 100 reads .*float video with values in"):
+        batches([wrong], 1)
+
+
+@pytest.mark.parametrize("case", ["not tars", "no captions", "empty tar"])
+def test_data_that_cannot_feed_a_run_stops_it_with_a_clear_error_and_few_warnings(tmp_path, case, caplog):
+    caplog.set_level("WARNING", logger="lifecycle.data.shards")
+    if case == "not tars":
+        urls = []
+        for i in range(3):
+            (tmp_path / f"{i}.tar").write_bytes(b"this is not a tar file" * 100)
+            urls.append(str(tmp_path / f"{i}.tar"))
+        match = "read no sample"
+    elif case == "no captions":
+        from PIL import Image
+
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(png, format="PNG")
+        urls = [_shard(tmp_path / "images.tar", {f"{i:04d}": {"png": png.getvalue()} for i in range(300)})]
+        match = "max_bad_in_a_row: the last 50 reads"
+    else:
+        urls = [_shard(tmp_path / "empty.tar", {})]
+        match = "read no sample"
+    with pytest.raises(DataError, match=match):
+        batches(urls, 1, max_bad_in_a_row=50)
+    warnings = [r for r in caplog.records if "skipping corrupt sample" in r.getMessage()]
+    assert len(warnings) <= 11  # the first 10 one by one, then at 100, 1000, ...
+
+
+def test_a_high_share_of_failed_reads_stops_the_run(tmp_path):
+    """Every other sample lacks its caption: no long run of failures, but more than 40% of reads fail."""
+    clip = np.zeros((4, 8, 8, 3), np.uint8)
+    samples = {f"{i:04d}": {"npy": _npy(clip), **({"json": b'{"caption": "x"}'} if i % 2 else {})} for i in range(400)}
+    urls = [_shard(tmp_path / "half.tar", samples)]
+    with pytest.raises(DataError, match=r"data.max_bad_share: \d+ of 1\d\d reads"):
+        batches(urls, 100, max_bad_share=0.4)
+    assert len(batches(urls, 30, max_bad_share=0.6)) == 30  # under the share: skipped, counted, trained on
 
 
 def test_list_shards_errors_name_the_key(tmp_path):

@@ -28,3 +28,6 @@ def test_a_recipe_ends_with_a_short_table_and_the_reports_path(tmp_path):
     assert lines[2].startswith("eval ") and lines[2].endswith("best held-out reward: m (0.5000)")
     assert lines[3:] == [f"report: {tmp_path / 'eval' / 'report' / 'report.md'}", f"all results: {tmp_path / 'recipe.json'}"]
     assert max(map(len, lines)) < 120  # not the whole result on one line
+    # stage=curate run alone reports seconds per step
+    alone = summary({"inputs": 10, "kept": 9, "shards": 1, "seconds": {"inspect": 1.5, "write": 2.0}}, tmp_path, "curate")
+    assert alone.splitlines()[1].split() == ["curate", "4", "9/10", "clips", "kept", "in", "1", "shards"]

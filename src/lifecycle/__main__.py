@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from .checkpointing import CheckpointWriteError
 from .config import CONF_DIR, ConfigError, validate
+from .data.shards import DataError
 from .data.video_io import write_atomically
 from .outputs import configure as configure_outputs
 from .recipes import run_recipe
@@ -30,6 +31,15 @@ def write_result(result, cfg: DictConfig) -> None:
     write_atomically(Path(cfg.run_dir) / "result.json", text.encode())
 
 
+def reason(error: Exception) -> str:
+    """An error's own message: one raised in a DataLoader worker arrives re-raised by torch with the worker's
+    traceback in its text, whose last line is `<module>.<Type>: <message>`."""
+    text = str(error).strip()
+    if "DataLoader worker" not in text:
+        return text
+    return text.splitlines()[-1].split(f"{type(error).__name__}: ", 1)[-1]
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     protect(cfg)  # before anything is logged: secrets masked in logs and in .hydra/*.yaml
@@ -43,8 +53,8 @@ def main(cfg: DictConfig):
     except ConfigError as e:
         log.error("config error: %s", e)
         sys.exit(2)
-    except (DivergenceError, CheckpointWriteError) as e:  # the run stopped itself; its last checkpoint is intact
-        log.error("stopped: %s", e)
+    except (DivergenceError, CheckpointWriteError, DataError) as e:
+        log.error("stopped: %s", reason(e))  # the run stopped itself; its last checkpoint is intact
         sys.exit(1)
     write_result(result, cfg)
     name = f"recipe {cfg.recipe}" if cfg.get("recipe") else cfg.stage.name

@@ -17,7 +17,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .data.shards import SPLITS
+from .data.prompts import load_prompts
+from .data.shards import SPLITS, list_shards
 from .diffusion.noise import FLOW_T_SCHEMES, PREDICTION_KINDS
 from .rewards.base import Reward
 
@@ -69,6 +70,8 @@ class DataSchema:
     generate: Any = None
     caption_key: str = "caption"  # the metadata field trained on (curated shards also keep original_caption)
     decoded_cache_mb: float = 1024  # decoded samples kept in memory per loader worker (0: decode every read)
+    max_bad_in_a_row: int = 1000  # stop (DataError) when this many reads in a row fail
+    max_bad_share: float = 0.5  # ... or when more than this share of the reads fail (from the 100th read)
     balance: Any = None  # {key: metadata field, classes: null | [values]}: each class equally often (data/shards.py)
 
 
@@ -114,6 +117,7 @@ class GuardSchema:
     spike_factor: float = 10.0
     ema_beta: float = 0.98
     warmup: int = 20
+    max_skips_in_a_row: int = 20  # skip: stop once this many updates in a row were skipped
 
 
 @dataclass
@@ -682,6 +686,14 @@ def validate(cfg: DictConfig) -> DictConfig:
     if not os.path.exists(cfg.data.shards) and cfg.data.generate is None:
         raise ConfigError(f"data.shards: {cfg.data.shards!r} does not exist (and data.generate is not set)")
     _choice("data.split", cfg.data.split, SPLITS)
+    from .data.latent_cache import read_manifest  # it imports this module
+
+    if os.path.isdir(cfg.data.shards) and read_manifest(cfg.data.shards) is None:
+        try:
+            list_shards(cfg.data.shards)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{e} (the folder holds no *.tar)") from None
+    _check_ranges(cfg)
     if cfg.data.balance is not None and not (isinstance(cfg.data.balance, DictConfig) and cfg.data.balance.get("key")):
         raise ConfigError("data.balance.key: required when data.balance is set ({key: field, classes: [values]})")
     _check_outputs(cfg.outputs)
@@ -825,13 +837,39 @@ def _check_curate(cfg: DictConfig) -> None:
 
 
 def _check_prompts(cfg: DictConfig, *names: str) -> None:
-    """Each prompt set a stage samples is a list, or an existing text file with one prompt per line."""
+    """Each prompt set a stage samples is a non-empty list, or a text file with one prompt per line."""
     for name in names:
         spec = cfg.get("prompts", {}).get(name)
         if spec is None:
             raise ConfigError(f"prompts.{name}: missing (a list of prompts or a text file)")
-        if isinstance(spec, str) and not os.path.isfile(spec):
-            raise ConfigError(f"prompts.{name}: no prompt file {spec!r}")
+        try:
+            load_prompts(spec, f"prompts.{name}")
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+
+
+_ABSENT = object()
+# (key, whether a value can work, what it must be): checked wherever the key exists
+RANGES = (
+    ("trainer.max_steps", lambda v: v is None or v >= 1, ">= 1, or null for the stage's own length"),
+    ("stage.optimizer.lr", lambda v: v > 0, "> 0"),
+    ("stage.optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("stage.lora.rank", lambda v: v >= 1, ">= 1"),
+    ("stage.lora.alpha", lambda v: v > 0, "> 0"),
+    ("stage.ema.decay", lambda v: v is None or 0 <= v < 1, "in [0, 1), or null for no EMA"),
+    ("stage.gradient_clip", lambda v: v is None or v > 0, "> 0, or null for no clipping"),
+    ("stage.guard.max_skips_in_a_row", lambda v: v >= 1, ">= 1"),
+    ("data.decoded_cache_mb", lambda v: v >= 0, ">= 0 (0 turns the cache off)"),
+    ("data.max_bad_in_a_row", lambda v: v >= 1, ">= 1"),
+    ("data.max_bad_share", lambda v: 0 < v <= 1, "in (0, 1] (1: never stop for the share)"),
+)
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, works, what in RANGES:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not works(value):
+            raise ConfigError(f"{key}: must be {what}, got {value}")
 
 
 def _check_metrics(cfg: DictConfig) -> None:

@@ -33,6 +33,14 @@ def headline(result: dict) -> str:
     return ", ".join(parts)
 
 
+def seconds(result: dict) -> float | None:
+    """A result's `seconds`: a number, or per-step seconds (stage=curate run alone) added up."""
+    value = result.get("seconds")
+    if isinstance(value, dict):
+        value = sum(v for v in value.values() if isinstance(v, (int, float)))
+    return value if isinstance(value, (int, float)) else None
+
+
 def table(rows: list[tuple[str, float | None, str]]) -> str:
     """Aligned plain-text columns: stage, seconds, headline."""
     width = max(len("stage"), *(len(name) for name, _, _ in rows))
@@ -44,7 +52,7 @@ def table(rows: list[tuple[str, float | None, str]]) -> str:
 def summary(result: dict, run_dir: Path, name: str) -> str:
     """The table of a stage's or a recipe's (`stages` in `result`) result, and the evaluation reports it left."""
     stages = result.get("stages", {name: result})
-    rows = [(stage, r.get("seconds"), headline(r)) for stage, r in stages.items()]
+    rows = [(stage, seconds(r), headline(r)) for stage, r in stages.items()]
     root = Path(run_dir)
     reports = [d / "report" / "report.md" for d in ((root / s) if "stages" in result else root for s in stages)]
     lines = [table(rows), *(f"report: {path}" for path in reports if path.is_file())]

@@ -166,6 +166,7 @@ def fit(cfg: DictConfig) -> dict:
         select=OmegaConf.to_container(s.select) if s.select else None, split=cfg.data.split,
         balance=OmegaConf.to_container(cfg.data.balance) if cfg.data.balance else None,
         caption_key=cfg.data.caption_key, decoded_cache_mb=cfg.data.decoded_cache_mb,
+        max_bad_in_a_row=cfg.data.max_bad_in_a_row, max_bad_share=cfg.data.max_bad_share,
     )
     last, val = curriculum.phases[-1], s.validation
     validation = Validation(

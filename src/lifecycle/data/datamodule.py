@@ -24,12 +24,12 @@ class ShardDataModule(L.LightningDataModule):
     def __init__(self, shards: str, curriculum: Curriculum, seed: int = 0, num_workers: int = 1,
                  shuffle_buffer: int = 256, accumulate: int = 1, generate=None, select: dict | None = None,
                  split: str = "global", balance: dict | None = None, caption_key: str = "caption",
-                 decoded_cache_mb: float = 0):
+                 decoded_cache_mb: float = 0, max_bad_in_a_row: int = 1000, max_bad_share: float = 0.5):
         super().__init__()
         self.shards, self.curriculum, self.seed, self.split = shards, curriculum, seed, split
         self.num_workers, self.shuffle_buffer, self.accumulate = num_workers, shuffle_buffer, accumulate
         self.generate, self.balance, self.caption_key = generate, balance, caption_key
-        self.decoded_cache_mb = decoded_cache_mb
+        self.decoded_cache_mb, self.max_bad_in_a_row, self.max_bad_share = decoded_cache_mb, max_bad_in_a_row, max_bad_share
         self.select = Selection(**select) if select else None
 
     def prepare_data(self) -> None:
@@ -51,6 +51,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer, accumulate=self.accumulate,
             rank=trainer.global_rank, world_size=trainer.world_size, select=self.select, split=self.split,
             balance=self.balance, caption_key=self.caption_key, decoded_cache_mb=self.decoded_cache_mb,
+            max_bad_in_a_row=self.max_bad_in_a_row, max_bad_share=self.max_bad_share,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
 

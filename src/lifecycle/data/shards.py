@@ -42,9 +42,14 @@ from .curriculum import Curriculum
 from .video_io import decode_image, decode_video
 
 log = logging.getLogger(__name__)
+WARN_FIRST = 10  # skipped samples warned about one by one; after that at 100, 1,000, ... (the count stays exact)
 VIDEO_KEYS = ("npy", "mp4", "webm", "gif", "avi", "mov", "mkv")
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")  # an image is a one-frame clip
 CACHE_KEYS = {"latents": "latents.npy", "latents_std": "std.npy", "hidden": "hidden.npy", "pooled": "pooled.npy"}
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (reads keep failing, or a pass over the shards reads nothing): stop, not spin."""
 
 
 def list_shards(spec: str, key: str = "data.shards") -> list[str]:
@@ -87,7 +92,25 @@ def decode_sample(sample: dict, caption_key: str = "caption") -> tuple[np.ndarra
         raise ValueError(f"{_name(sample, key)}: {e}") from e
     if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
         raise ValueError(f"{_name(sample)}: bad video shape {video.shape}")
-    return video, caption, meta
+    return as_uint8(video, _name(sample, key)), caption, meta
+
+
+def as_uint8(video: np.ndarray, name: str) -> np.ndarray:
+    """A decoded clip as uint8: uint8 as stored (0..255), float only within [0, 1] (times 255, rounded).
+
+    Anything else is refused rather than guessed: a float clip stored in 0..255, or an integer one, read as the
+    other range would train, silently, on near-black or saturated videos."""
+    if video.dtype == np.uint8:
+        return video
+    if not np.issubdtype(video.dtype, np.floating):
+        raise ValueError(f"{name}: video dtype {video.dtype}; expected uint8 (0..255) or float (0..1)")
+    if not np.isfinite(video).all():
+        raise ValueError(f"{name}: NaN or Inf in a float video")
+    low, high = float(video.min()), float(video.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"{name}: float video with values in [{low:.4g}, {high:.4g}]; a float clip must lie in "
+                         "[0, 1] (store 0..255 as uint8)")
+    return (video * 255).round().astype(np.uint8)
 
 
 def resize_clip(video: np.ndarray, frames: int, size: int) -> torch.Tensor:
@@ -175,24 +198,44 @@ class CurriculumStream(IterableDataset):
     resolution, frame count and (global) batch size. Corrupt samples are skipped and counted;
     `select` (a `Selection`) keeps only a curated subset; `balance` ({key, classes}) draws each
     class equally often, queueing up to `shuffle_buffer` samples per class; decoded samples are kept in a
-    `DecodedCache` of `decoded_cache_mb` megabytes (0: off).
+    `DecodedCache` of `decoded_cache_mb` megabytes (0: off). The stream stops with `DataError` when
+    `max_bad_in_a_row` reads in a row fail, when more than `max_bad_share` of its reads (from the 100th) fail,
+    or when a whole pass over its shards reads nothing.
     """
 
     def __init__(self, urls, curriculum: Curriculum, seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 256,
                  accumulate: int = 1, rank: int = 0, world_size: int = 1, select=None, split: str = "global",
-                 balance: dict | None = None, caption_key: str = "caption", decoded_cache_mb: float = 0):
+                 balance: dict | None = None, caption_key: str = "caption", decoded_cache_mb: float = 0,
+                 max_bad_in_a_row: int = 1000, max_bad_share: float = 0.5):
         if split not in SPLITS:
             raise ValueError(f"data.split: {split!r} is not one of {list(SPLITS)}")
         self.urls, self.curriculum, self.seed, self.select = list(urls), curriculum, seed, select
         self.start_batch, self.shuffle_buffer, self.accumulate = start_batch, shuffle_buffer, accumulate
         self.rank, self.world_size, self.split, self.balance = rank, world_size, split, balance
         self.caption_key, self.cache = caption_key, DecodedCache(decoded_cache_mb)
-        self.skipped = 0
+        self.max_bad_in_a_row, self.max_bad_share = max_bad_in_a_row, max_bad_share
+        self.skipped = self.reads = self.bad_in_a_row = 0
 
     def _on_error(self, exc: Exception) -> bool:
+        """Count a failed read and go on, until reads keep failing (`DataError`). Warnings are rate-limited."""
         self.skipped += 1
-        log.warning("skipping corrupt sample (%d so far): %s", self.skipped, exc)
+        self.reads += 1
+        self.bad_in_a_row += 1
+        if self.skipped <= WARN_FIRST or (self.skipped % 10 == 0 and str(self.skipped).rstrip("0") == "1"):
+            later = " (further ones are counted in data/skipped_samples, warned at 100, 1000, ...)" \
+                if self.skipped == WARN_FIRST else ""
+            log.warning("skipping corrupt sample (%d so far)%s: %s", self.skipped, later, exc)
+        if self.bad_in_a_row >= self.max_bad_in_a_row:
+            raise DataError(f"data.max_bad_in_a_row: the last {self.bad_in_a_row} reads of data.shards all failed "
+                            f"(the last: {exc})")
+        if self.reads >= 100 and self.skipped > self.max_bad_share * self.reads:
+            raise DataError(f"data.max_bad_share: {self.skipped} of {self.reads} reads of data.shards failed "
+                            f"(the last: {exc})")
         return True
+
+    def _read_ok(self) -> None:
+        self.reads += 1
+        self.bad_in_a_row = 0
 
     def _raw(self, slot: int, slots: int):
         """This slot's endless, seeded stream of undecoded samples."""
@@ -205,7 +248,13 @@ class CurriculumStream(IterableDataset):
             if not by_shard:
                 stream = itertools.islice(stream, slot, None, slots)
             rng = random.Random(f"{self.seed}/{cycle}/{slot}")
-            yield from wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(iter(stream))
+            read = 0
+            for read, sample in enumerate(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+                    iter(stream)), 1):
+                yield sample
+            if not read:  # an empty (or wholly unreadable) set of shards would otherwise be re-read forever
+                raise DataError(f"data.shards: a whole pass over {len(urls)} shard(s) read no sample "
+                                f"({self.skipped} failed reads so far)")
 
     def _samples(self, slot: int, slots: int):
         """`_raw`, curated (`select`) and class-balanced (`balance`): the stream whose positions batches count."""
@@ -239,6 +288,7 @@ class CurriculumStream(IterableDataset):
                     self._on_error(exc)
                     continue
                 self.cache.put(key, item)
+            self._read_ok()
             yield item
 
     def _phase(self, b: int) -> int:

@@ -13,13 +13,16 @@ class LossGuard:
     A spike is a loss above `spike_factor` x the EMA, checked once `warmup` losses have been seen.
     """
 
-    def __init__(self, action: str = "skip", spike_factor: float = 10.0, ema_beta: float = 0.98, warmup: int = 20):
+    def __init__(self, action: str = "skip", spike_factor: float = 10.0, ema_beta: float = 0.98, warmup: int = 20,
+                 max_skips_in_a_row: int = 20):
         if action not in ("skip", "stop"):
             raise ValueError(f"stage.guard.action: expected 'skip' or 'stop', got {action!r}")
         self.action, self.spike_factor, self.ema_beta, self.warmup = action, spike_factor, ema_beta, warmup
+        self.max_skips_in_a_row = max_skips_in_a_row
         self.ema: float | None = None
         self.seen = 0
         self.rejected = 0
+        self.in_a_row = 0  # updates skipped since the last accepted one
 
     def problem(self, value: float, name: str = "loss") -> str | None:
         """Why `value` must not be applied, or None if it is fine."""
@@ -41,6 +44,11 @@ class LossGuard:
             raise DivergenceError(f"{message}; stopping, the last checkpoint written before it is intact")
         optimizer.zero_grad(set_to_none=True)
         self.rejected += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_skips_in_a_row:  # every update rejected: the run would never advance
+            raise DivergenceError(f"{message}; the last {self.in_a_row} updates were all skipped "
+                                  "(stage.guard.max_skips_in_a_row), stopping; the last checkpoint written before it "
+                                  "is intact")
         report(f"guard: {message}; update skipped ({self.rejected} so far)")
         return True
 
@@ -48,10 +56,12 @@ class LossGuard:
         """Fold an accepted loss into the EMA and return it."""
         self.ema = loss if self.ema is None else self.ema_beta * self.ema + (1 - self.ema_beta) * loss
         self.seen += 1
+        self.in_a_row = 0
         return self.ema
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema, "seen": self.seen, "rejected": self.rejected}
+        return {"ema": self.ema, "seen": self.seen, "rejected": self.rejected, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         self.ema, self.seen, self.rejected = state["ema"], state["seen"], state["rejected"]
+        self.in_a_row = state.get("in_a_row", 0)  # checkpoints written before it was kept
