@@ -18,6 +18,7 @@ TORCH ?= torch==2.13.0
 PIP_VERSION ?= 26.3
 PIP_TOOLS_VERSION ?= 7.7.0
 LOCK ?= requirements.lock
+TEST_WORKERS ?= 2  # pytest-xdist workers for make test (the suite is mostly single-threaded work)
 # make lock: LOCK_ARGS=--upgrade-package transformers moves only that one; empty keeps every pin that still fits.
 LOCK_ARGS ?= --upgrade
 export HF_HUB_OFFLINE ?= 1
@@ -94,7 +95,7 @@ bench: install
 	$(PY) -m lifecycle.bench.train_step $(BENCH_ARGS)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 	$(MAKE) smoke
 
 faults: install

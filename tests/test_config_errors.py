@@ -83,7 +83,7 @@ CASES = [
      "stage.models[0]: no exported bundle in '{empty}'"),
     ("value that cannot work", ["trainer.max_steps=0"], "trainer.max_steps: must be >= 1, or null for the stage's"),
     ("value that cannot work", ["trainer.max_steps=-1"], "trainer.max_steps: must be >= 1"),
-    ("value that cannot work", ["stage.optimizer.lr=-1e-3"], "stage.optimizer.lr: must be > 0, got -0.001"),
+    ("value that cannot work", ["stage.optimizer.lr=-1e-3"], "stage.optimizer.lr: must be >= 0, got -0.001"),
     ("value that cannot work", ["stage=sft", "stage.lora.rank=0"], "stage.lora.rank: must be >= 1, got 0"),
     ("value that cannot work", ["stage.ema.decay=1.5"], "stage.ema.decay: must be in [0, 1), or null for no EMA"),
     ("value that cannot work", ["stage=dpo", "stage.pairs={pairs}", "stage.guard.max_skips_in_a_row=0"],

@@ -66,7 +66,7 @@ def _assert_same(a: dict, b: dict) -> None:
 def _killed(run_dir, shards, *fault: str) -> subprocess.CompletedProcess:
     """`python -m lifecycle` on the test model in a fresh process, through tests/fault_driver.py with `fault`."""
     overrides = [*TINY, *SHORT, f"data.shards={shards}", "data.generate=null", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "2"}  # the suite's thread count
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as in-process
     return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_driver.py"), *fault, *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 

@@ -852,7 +852,7 @@ _ABSENT = object()
 # (key, whether a value can work, what it must be): checked wherever the key exists
 RANGES = (
     ("trainer.max_steps", lambda v: v is None or v >= 1, ">= 1, or null for the stage's own length"),
-    ("stage.optimizer.lr", lambda v: v > 0, "> 0"),
+    ("stage.optimizer.lr", lambda v: v >= 0, ">= 0"),
     ("stage.optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
     ("stage.lora.rank", lambda v: v >= 1, ">= 1"),
     ("stage.lora.alpha", lambda v: v > 0, "> 0"),
