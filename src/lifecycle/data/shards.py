@@ -221,7 +221,7 @@ class CurriculumStream(IterableDataset):
         self.skipped += 1
         self.reads += 1
         self.bad_in_a_row += 1
-        if self.skipped <= WARN_FIRST or (self.skipped % 10 == 0 and str(self.skipped).rstrip("0") == "1"):
+        if self.skipped <= WARN_FIRST or str(self.skipped).rstrip("0") == "1":  # the first few, then powers of ten
             later = " (further ones are counted in data/skipped_samples, warned at 100, 1000, ...)" \
                 if self.skipped == WARN_FIRST else ""
             log.warning("skipping corrupt sample (%d so far)%s: %s", self.skipped, later, exc)
