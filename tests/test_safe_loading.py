@@ -111,6 +111,23 @@ def test_a_tokenizer_with_custom_code_is_refused(folder):
     assert not marker.exists()
 
 
+def test_a_component_named_by_an_auto_class_runs_no_repository_code(folder, monkeypatch):
+    """model_index.json naming `transformers.AutoModel` for a folder whose config maps to its own code: refused with
+    the key to set, never transformers' interactive "trust remote code? [y/N]" prompt (here a user who answers y)."""
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *question: prompts.append(question) or "y")
+    model, marker = folder
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "text_encoder": ["transformers", "AutoModel"]}))
+    config_file = model / "text_encoder" / "config.json"
+    auto = {"AutoConfig": "custom.CustomConfig", "AutoModel": "custom.CustomModel"}
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "custom", "auto_map": auto}))
+    (model / "text_encoder" / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        ModelBundle.from_pretrained(str(model))
+    assert not prompts and not marker.exists()
+
+
 @pytest.fixture
 def remote_code_repo(tmp_path):
     """A model folder whose config names its own code (auto_map), which creates a file when imported."""

@@ -29,7 +29,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
 from ..diffusion.sampling import sample
 from .folded_unet import FramesAsChannelsUNet
@@ -320,8 +320,8 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
                 continue
             klass = component_class(path_or_id, name, library, class_name, trust_remote_code)
             extra = {} if name == "scheduler" or torch_dtype is None else {"torch_dtype": torch_dtype}
-            if isinstance(klass, type) and issubclass(klass, PreTrainedModel):  # may fetch custom generation code
-                extra["trust_remote_code"] = trust_remote_code
+            if library.split(".")[0] == "transformers":  # an Auto* class, or custom generation code of a model:
+                extra["trust_remote_code"] = trust_remote_code  # False, never None (None asks on the terminal)
             check_pickles(Path(path_or_id) / name)
             found[name] = klass.from_pretrained(path_or_id, subfolder=name, **extra)
             if name in DENOISER_FOLDERS and adapter_folder(Path(path_or_id) / name).is_dir():
