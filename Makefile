@@ -8,6 +8,8 @@
 # make recaption-report: pre-train on the demo's curated clips with raw captions vs recaptions; held-out fidelity.
 # make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table);
 # BENCH_ARGS=--gpu for the real-size cases on a CUDA device.
+# make gpu-check: everything GPU-only in one command (every stage on CUDA, FSDP2 kill and resume, the real recipes'
+# step time and memory at real shapes, the bench cases): outputs/gpu-check/gpu-check.md; GPU_CHECK_ARGS=--dry-run on a CPU.
 # make lock: regenerate requirements.lock (every dependency pinned) from pyproject.toml's ranges.
 # make test-latest: the suite in a throwaway .venv-latest with the newest releases the ranges allow (finds drift).
 PYTHON ?= python3
@@ -27,12 +29,13 @@ DEMO_DIR ?= outputs/demo
 VADER_ARGS ?= reward=vivid  # Hydra overrides for make vader-report
 COMPARE_ARGS ?=             # e.g. --queries 960 -- reward=colour
 BENCH_ARGS ?=               # e.g. --case tiny_video --steps 50
+GPU_CHECK_ARGS ?=           # e.g. --dry-run, --sections real bench, --budget 600
 RECAPTION_ARGS ?= --seeds 0 1  # e.g. --seeds 0 -- trainer.max_steps=500
 SWEEP_ARGS ?= reward=vivid stage.steps=30 stage.evaluation.num_steps=10 stage.sampling.grad_steps=1,2 stage.optimizer.lr=3e-4,1e-3
 SWEEP_DIR ?= multirun/vader-sweep
 PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install lock test-latest demo test smoke faults distributed vader-report compare sweep recaption-report bench clean
+.PHONY: install lock test-latest demo test smoke faults distributed vader-report compare sweep recaption-report bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -93,6 +96,9 @@ recaption-report: install
 
 bench: install
 	$(PY) -m lifecycle.bench.train_step $(BENCH_ARGS)
+
+gpu-check: install
+	$(PY) -m lifecycle.bench.gpu_check $(GPU_CHECK_ARGS)
 
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal

@@ -73,6 +73,24 @@ def test_prediction_types_and_vae_layout():
     assert unet3d.decode_latents(unet3d.encode_video(video)).shape == video.shape
 
 
+
+def test_wan_vae_latent_shape_is_what_it_encodes():
+    """AutoencoderKLWan (causal 3D: 1 + 4k frames -> 1 + k latent frames, 8x down in space) through the bundle:
+    `latent_shape` must match the encoder's real output, which sampling and the latent cache rely on."""
+    from diffusers import AutoencoderKLWan
+
+    wan = build_bundle(model_cfg("tiny_wan"))
+    torch.manual_seed(0)
+    wan.vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                               latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    video = torch.rand(1, 9, 3, 32, 48)
+    with torch.no_grad():
+        latents = wan.encode_video(video)
+        assert tuple(latents.shape[1:]) == wan.latent_shape(frames=9, resolution=(32, 48)) == (4, 3, 4, 6)
+        assert wan.decode_latents(latents).shape == video.shape
+    with pytest.raises(ValueError, match="1 \\+ 4k frames, not 8"):
+        wan.latent_shape(frames=8, resolution=32)
+
 def test_hub_id_loads_from_the_offline_cache(tmp_path, monkeypatch):
     """A hub id goes through the same from_pretrained; here it is served from a local HF cache."""
     bundle = build_bundle(model_cfg("tiny_unet3d"))

@@ -18,7 +18,8 @@ from .models import build_bundle
 from .models.memory import enable_gradient_checkpointing, freeze_to_dtype
 from .rewards.base import build_reward
 from .stages.vader import VaderStage
-from .train import build_trainer, export_trained, lineage, make_trainable, resume_checkpoint, trainable_bundle
+from .train import (build_trainer, export_trained, for_evaluation, lineage, make_trainable, resume_checkpoint,
+                    trainable_bundle)
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,7 +42,7 @@ def vader(cfg: DictConfig) -> dict:
     settings = {**OmegaConf.to_container(s.evaluation), "frames": s.frames, "resolution": s.resolution,
                 "images": images, "clips": s.clips}
 
-    bundle.eval()
+    for_evaluation(cfg, bundle, reward)
     before = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "before", settings, write=rank_zero_only.rank == 0)
 
     make_trainable(bundle, s.lora)
@@ -67,7 +68,7 @@ def vader(cfg: DictConfig) -> dict:
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     fit_seconds = round(time.time() - start, 1)
 
-    bundle.eval()
+    for_evaluation(cfg, bundle, reward, trainer=trainer)
     with torch.autocast(trainer.strategy.root_device.type, dtype=dtype, enabled=dtype is not None):
         after = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "after", settings, write=trainer.is_global_zero)
     result = {"steps": trainer.global_step, "fit_seconds": fit_seconds,

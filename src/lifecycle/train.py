@@ -1,6 +1,7 @@
 """Run a training stage: build bundle, data and module from config, fit, export, sample."""
 
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -45,6 +46,23 @@ def check_frames(bundle, curriculum: Curriculum) -> None:
                 f"stage.curriculum[{i}].frames: {type(bundle.denoiser).__name__} takes exactly {need} frame(s), "
                 f"got {phase.frames} (vary resolution and batch size instead)"
             )
+
+
+def stage_device(cfg: DictConfig, trainer: L.Trainer | None = None) -> torch.device:
+    """Where a stage's models compute outside `trainer.fit` (the evaluations before and after training): the trainer's
+    device, or, before the trainer exists, this rank's GPU under a GPU trainer. Lightning's teardown leaves the
+    trained module on the CPU, so work after `fit` must move it back (or it would sample on the CPU)."""
+    if trainer is not None:
+        return trainer.strategy.root_device
+    if cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def for_evaluation(cfg: DictConfig, *modules: torch.nn.Module, trainer: L.Trainer | None = None) -> None:
+    """`modules` (bundle, reward) in eval mode on `stage_device`: before training, or after `trainer.fit`."""
+    for module in modules:
+        module.eval().to(stage_device(cfg, trainer))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: int) -> L.Trainer:

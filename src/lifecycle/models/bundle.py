@@ -239,10 +239,16 @@ class ModelBundle(ImageToVideoMixin, nn.Module):
         height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
         if self.vae is None:
             return (3, frames, height, width)
-        if not isinstance(self.vae, FRAMEWISE_VAES):
-            raise NotImplementedError(f"latent_shape: no rule for {type(self.vae).__name__}")
-        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (self.vae.config.latent_channels, frames, height // down, width // down)
+        cfg = self.vae.config
+        if isinstance(self.vae, FRAMEWISE_VAES):
+            down = 2 ** (len(cfg.block_out_channels) - 1)
+            return (cfg.latent_channels, frames, height // down, width // down)
+        if cfg.get("scale_factor_temporal") and cfg.get("z_dim"):  # Wan-style causal 3D VAE (AutoencoderKLWan)
+            step, down = cfg.scale_factor_temporal, cfg.scale_factor_spatial
+            if (frames - 1) % step:
+                raise ValueError(f"{type(self.vae).__name__} encodes clips of 1 + {step}k frames, not {frames}")
+            return (cfg.z_dim, (frames - 1) // step + 1, height // down, width // down)
+        raise NotImplementedError(f"latent_shape: no rule for {type(self.vae).__name__}")
 
     def generate(self, prompts: list[str], frames: int, resolution: int, num_steps: int = 25,
                  guidance_scale: float = 3.0, seed: int = 0, batch_size: int = 32, eta: float = 0.0) -> torch.Tensor:

@@ -52,7 +52,8 @@ def denoise_spatio_temporal(unet: UNetSpatioTemporalConditionModel, x_t: torch.T
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
+    # in float32 (cheap): CPUs have no half-precision antialiased bicubic kernel (frozen_dtype=bf16 runs there too)
+    return F.interpolate(images.float(), size=size, mode="bicubic", antialias=True, align_corners=False).to(images.dtype)
 
 
 class ImageToVideoMixin:

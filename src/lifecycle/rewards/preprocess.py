@@ -22,7 +22,8 @@ def resize_shorter(images: torch.Tensor, size: int) -> torch.Tensor:
     new = (max(size, round(h * scale)), max(size, round(w * scale)))
     if new == (h, w):
         return images
-    return F.interpolate(images, size=new, mode="bicubic", antialias=True, align_corners=False)
+    # in float32 (cheap): CPUs have no half-precision antialiased bicubic kernel (frozen_dtype=bf16 runs there too)
+    return F.interpolate(images.float(), size=new, mode="bicubic", antialias=True, align_corners=False).to(images.dtype)
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -45,7 +45,8 @@ from ..metrics.reward_table import evaluate, write_table
 from ..models import ModelBundle, build_bundle
 from ..models.memory import enable_gradient_checkpointing
 from ..rewards.base import Reward, build_reward
-from ..train import build_trainer, export_trained, lineage, make_trainable, resume_checkpoint, trainable_bundle
+from ..train import (build_trainer, export_trained, for_evaluation, lineage, make_trainable, resume_checkpoint,
+                     trainable_bundle)
 from .optim import adamw_with_schedule, check_trainable, keep_trainable, log_step
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ def run(cfg: DictConfig) -> dict:
     prompt_sets = {name: load_prompts(cfg.prompts[name], f"prompts.{name}") for name in ("train", "test")}
     settings = {**OmegaConf.to_container(s.evaluation), "frames": s.frames, "resolution": s.resolution}
 
-    bundle.eval()
+    for_evaluation(cfg, bundle, reward)
     before = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "before", settings, write=rank_zero_only.rank == 0)
 
     make_trainable(bundle, s.lora)
@@ -276,7 +277,7 @@ def run(cfg: DictConfig) -> dict:
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     fit_seconds = round(time.time() - start, 1)
 
-    bundle.eval()
+    for_evaluation(cfg, bundle, reward, trainer=trainer)
     after = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "after", settings, write=trainer.is_global_zero)
     result = {"steps": trainer.global_step, "epochs": module.updates // per_epoch, "reward_queries": module.reward_queries,
               "fit_seconds": fit_seconds,

@@ -34,7 +34,8 @@ from ..metrics.reward_table import evaluate, write_table
 from ..models import ModelBundle, build_bundle
 from ..models.lora import has_lora
 from ..rewards.base import build_reward
-from ..train import build_trainer, export_trained, lineage, make_trainable, resume_checkpoint, trainable_bundle
+from ..train import (build_trainer, export_trained, for_evaluation, lineage, make_trainable, resume_checkpoint,
+                     trainable_bundle)
 from .guard import LossGuard
 from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable, log_step
 
@@ -200,7 +201,7 @@ def run(cfg: DictConfig) -> dict:
                        for name in ("train", "test") if s.evaluation is not None or name == "train"}
     if s.evaluation is not None:
         settings = {**OmegaConf.to_container(s.evaluation), "frames": s.frames, "resolution": s.resolution}
-        bundle.eval()
+        for_evaluation(cfg, bundle, reward)
         rows["before"] = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "before", settings,
                                   write=rank_zero_only.rank == 0)
 
@@ -224,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1)}
 
     if s.evaluation is not None:
-        bundle.eval()
+        for_evaluation(cfg, bundle, reward, trainer=trainer)
         rows["after"] = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "after", settings,
                                  write=trainer.is_global_zero)
         result.update({f"{tag}/{name}/reward": r[name]["reward"] for tag, r in rows.items() for name in r})
