@@ -78,7 +78,7 @@ def vader(cfg: DictConfig) -> dict:
         bundle.float()
     data = {name: cfg.prompts[name] for name in ("train", "test")}
     export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
-                   lineage(cfg, run_dir, trainer.global_step, data), lora=s.export)
+                   lineage(cfg, run_dir, trainer.global_step, data), lora=s.export, lora_formats=s.lora_formats)
     if trainer.is_global_zero:
         log.info("reward before/after alignment:\n%s", write_table({"before": before, "after": after}, run_dir / "report"))
     return result

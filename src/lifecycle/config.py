@@ -165,6 +165,7 @@ class DenoiseStageSchema:
     train_text_encoder: bool = False
     lora: Optional[LoRASchema] = None  # null: full fine-tuning
     export: str = "merge"  # with LoRA: merge | adapter
+    lora_formats: list[str] = field(default_factory=list)  # kohya | comfyui: the LoRA also in these layouts
     select: Any = None  # train on a curated subset: {min: {score: t}, where: {key: [values]}, keys: file}
     gradient_checkpointing: bool = False  # activation checkpointing per denoiser block
     compile: bool = False  # torch.compile the denoiser's forward (in place)
@@ -224,6 +225,7 @@ class VaderStageSchema:
     gradient_clip: Optional[float] = 1.0
     accumulate: int = 1
     export: str = "merge"
+    lora_formats: list[str] = field(default_factory=list)  # kohya | comfyui: the LoRA also in these layouts
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     curve: CurveSchema = field(default_factory=CurveSchema)
 
@@ -255,6 +257,7 @@ class DPOStageSchema:
     accumulate: int = 1
     guard: GuardSchema = field(default_factory=GuardSchema)
     export: str = "merge"
+    lora_formats: list[str] = field(default_factory=list)  # kohya | comfyui: the LoRA also in these layouts
     evaluation: Optional[EvaluationSchema] = field(default_factory=EvaluationSchema)  # null: no before/after table
     curve: CurveSchema = field(default_factory=CurveSchema)
 
@@ -300,6 +303,7 @@ class DDPOStageSchema:
     lr_scheduler: LRSchedulerSchema = field(default_factory=LRSchedulerSchema)
     gradient_clip: Optional[float] = 1.0
     export: str = "merge"
+    lora_formats: list[str] = field(default_factory=list)  # kohya | comfyui: the LoRA also in these layouts
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     curve: CurveSchema = field(default_factory=CurveSchema)
 
@@ -782,6 +786,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     if cfg.stage.get("export") == "adapter" and cfg.stage.get("lora") is None:
         raise ConfigError("stage.export: 'adapter' saves a LoRA adapter, but stage.lora is null (full fine-tuning); "
                           "use merge")
+    if cfg.stage.get("lora_formats"):
+        _check_lora_formats(cfg)
     if schema in TRAINER_STAGES:  # last: importing Lightning's loggers takes seconds
         if isinstance(cfg.trainer.strategy, DictConfig):
             _target("trainer.strategy", cfg.trainer.strategy)
@@ -940,6 +946,30 @@ def _check_ddpo(cfg: DictConfig) -> None:
         raise ConfigError(f"stage.per_prompt_stats.min_count: must be in 1..buffer_size ({stats.buffer_size}), "
                           f"got {stats.min_count}")
     _choice("stage.export", st.export, ("merge", "adapter"))
+
+
+def _check_lora_formats(cfg: DictConfig) -> None:
+    """Each of stage.lora_formats exists and suits the denoiser (kohya: UNets; comfyui: Wan), before training."""
+    from .models.lora_formats import FORMATS  # diffusers: imported only when the key is used
+
+    formats = list(cfg.stage.lora_formats)
+    for fmt in formats:
+        _choice("stage.lora_formats", fmt, FORMATS)
+    if cfg.stage.get("lora") is None:
+        raise ConfigError("stage.lora_formats: these are LoRA layouts, but stage.lora is null (full fine-tuning)")
+    denoiser = (cfg.model.get("denoiser") or {}).get("_target_", "")
+    index = os.path.join(os.path.expanduser(str(cfg.model.get("pretrained") or "")), "model_index.json")
+    if cfg.model.get("pretrained") and os.path.isfile(index):
+        spec = json.loads(open(index).read())
+        denoiser = " ".join(str(spec.get(part)) for part in ("unet", "transformer") if spec.get(part))
+    elif cfg.model.get("pretrained"):
+        return  # a hub id: checked when the export is written
+    wan = "WanTransformer3DModel" in denoiser
+    for fmt in formats:
+        if (fmt == "comfyui") != wan:
+            raise ConfigError(f"stage.lora_formats: {fmt!r} is for {'UNet' if fmt == 'kohya' else 'Wan'} denoisers, "
+                              f"this model's is {denoiser.split('.')[-1] or 'unknown'} (use "
+                              f"{'comfyui' if wan else 'kohya'})")
 
 
 def _check_preferences(cfg: DictConfig) -> None:

@@ -28,6 +28,7 @@ from .loggers import drop_rows_from
 from .metrics.quality import build_quality
 from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
+from .models.lora_formats import write_formats
 from .models.memory import enable_gradient_checkpointing
 from .secrets import redact, secret_values
 from .stages.denoise import DenoiseStage
@@ -134,25 +135,29 @@ def lineage(cfg: DictConfig, run_dir: Path, step: int, data, **extra) -> dict:
     return redact(made, secret_values(cfg))
 
 
-def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
+def export(bundle, path: Path, lineage: dict, lora: str = "merge", lora_formats: list[str] = ()) -> None:
     """Write the bundle folder next to `path` and swap it in, so `path` is never half-written.
 
-    A LoRA denoiser is exported merged, or as base weights plus an adapter folder (`lora="adapter"`).
+    A LoRA denoiser is exported merged, or as base weights plus an adapter folder (`lora="adapter"`); with
+    `lora_formats` its LoRA is also written in those layouts to `lora_formats/` (models/lora_formats.py).
     """
     staging = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     bundle.save_pretrained(staging, lineage=lineage, lora=lora)
+    if lora_formats:
+        write_formats(bundle.denoiser, staging / "lora_formats", list(lora_formats))
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)
 
 
-def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dict, lora: str = "merge") -> None:
+def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dict, lora: str = "merge",
+                   lora_formats: list[str] = ()) -> None:
     """`export` on rank 0 after training; a sharded (`trainer=fsdp`) bundle is first gathered into `rebuild()`,
     an unsharded bundle of the same structure, so every rank must call this."""
     if isinstance(trainer.strategy, FSDP2Strategy):
         bundle = gather_bundle(bundle, rebuild)
     if trainer.is_global_zero:
-        export(bundle, path, lineage, lora=lora)
+        export(bundle, path, lineage, lora=lora, lora_formats=lora_formats)
         log.info("exported %s", path)
 
 
@@ -210,6 +215,7 @@ def fit(cfg: DictConfig) -> dict:
         result["best"] = {"path": best.best_model_path, val.best: best.best_model_score.item()}
     with ema.swapped(module) if ema else nullcontext():
         export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
-                       lineage(cfg, run_dir, trainer.global_step, cfg.data.shards), lora=s.export)
+                       lineage(cfg, run_dir, trainer.global_step, cfg.data.shards), lora=s.export,
+                       lora_formats=s.lora_formats)
     return result
 

@@ -285,7 +285,8 @@ def run(cfg: DictConfig) -> dict:
                  for name in rows}}
     data = {name: cfg.prompts[name] for name in ("train", "test")}
     export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
-                   lineage(cfg, run_dir, trainer.global_step, data, reward_queries=module.reward_queries), lora=s.export)
+                   lineage(cfg, run_dir, trainer.global_step, data, reward_queries=module.reward_queries), lora=s.export,
+                   lora_formats=s.lora_formats)
     if trainer.is_global_zero:
         log.info("reward before/after DDPO:\n%s", write_table({"before": before, "after": after}, run_dir / "report",
                                                                method="DDPO"))

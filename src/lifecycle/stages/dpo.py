@@ -232,5 +232,5 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero and rows:
         log.info("reward before/after Diffusion-DPO:\n%s", write_table(rows, run_dir / "report", "Diffusion-DPO"))
     export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
-                   lineage(cfg, run_dir, trainer.global_step, s.pairs), lora=s.export)
+                   lineage(cfg, run_dir, trainer.global_step, s.pairs), lora=s.export, lora_formats=s.lora_formats)
     return result
