@@ -1,7 +1,10 @@
-"""`python tests/fault_driver.py <fault> <n> [overrides]`: `python -m lifecycle [overrides]` that SIGKILLs itself.
+"""`python tests/fault_driver.py <fault> <n> [overrides]`: `python -m lifecycle [overrides]` that signals itself.
 
-- `kill-at-step n`: as the training step after optimizer step n begins;
-- `kill-in-checkpoint-write n`: halfway through writing the n-th checkpoint file (its first half on disk).
+- `kill-at-step n`: SIGKILL as the training step after optimizer step n begins;
+- `kill-in-checkpoint-write n`: SIGKILL halfway through writing the n-th checkpoint file (its first half on disk);
+- `sigterm-at-step n`, `sigint-at-step n`: that signal as the training step after optimizer step n begins;
+- `requeue-at-step n`: SIGUSR1 (SLURM's warning before a time limit or preemption; the test sets SLURM's
+  environment) as step n + 1 begins, then, once Lightning has written its requeue checkpoint, SIGKILL.
 
 SIGKILL cannot be caught: no exception handler, `finally` or Lightning teardown runs, as on a preempted node.
 """
@@ -10,6 +13,8 @@ import io
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +31,36 @@ def kill_at_step(n: int) -> None:
 
     def training_step(self, batch, batch_idx):
         if self.global_step == n:
+            die()
+        return original(self, batch, batch_idx)
+
+    DenoiseStage.training_step = training_step
+
+
+def signal_at_step(n: int, signum: int) -> None:
+    from lifecycle.stages.denoise import DenoiseStage
+
+    original = DenoiseStage.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == n and not getattr(self, "_signalled", False):  # once: the step is done again
+            self._signalled = True
+            os.kill(os.getpid(), signum)
+        return original(self, batch, batch_idx)
+
+    DenoiseStage.training_step = training_step
+
+
+def requeue_at_step(n: int) -> None:
+    from lifecycle.stages.denoise import DenoiseStage
+
+    original = DenoiseStage.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == n:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            while not list(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")):
+                time.sleep(0.01)  # Lightning's handler writes it
             die()
         return original(self, batch, batch_idx)
 
@@ -51,7 +86,9 @@ def kill_in_checkpoint_write(n: int) -> None:
 
 if __name__ == "__main__":
     fault, n, *overrides = sys.argv[1:]
-    {"kill-at-step": kill_at_step, "kill-in-checkpoint-write": kill_in_checkpoint_write}[fault](int(n))
+    {"kill-at-step": kill_at_step, "kill-in-checkpoint-write": kill_in_checkpoint_write,
+     "sigterm-at-step": lambda n: signal_at_step(n, signal.SIGTERM),
+     "sigint-at-step": lambda n: signal_at_step(n, signal.SIGINT), "requeue-at-step": requeue_at_step}[fault](int(n))
     sys.argv = ["lifecycle", *overrides]
     from lifecycle.__main__ import main
 

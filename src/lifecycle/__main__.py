@@ -17,6 +17,7 @@ from .data.video_io import write_atomically
 from .outputs import configure as configure_outputs
 from .recipes import run_recipe
 from .secrets import protect, redact, secret_values
+from .signals import Interrupted
 from .stages.guard import DivergenceError
 from .summary import summary
 
@@ -56,6 +57,10 @@ def main(cfg: DictConfig):
     except (DivergenceError, CheckpointWriteError, DataError) as e:
         log.error("stopped: %s", reason(e))  # the run stopped itself; its last checkpoint is intact
         sys.exit(1)
+    except Interrupted as e:  # SIGTERM or SIGINT, at a step boundary
+        again = "" if cfg.get("recipe") else " trainer.resume=last"  # a recipe resumes its stages itself
+        log.error("%s; to resume, run the same command with%s hydra.run.dir=%s", e, again, cfg.run_dir)
+        sys.exit(e.exit_status)
     write_result(result, cfg)
     name = f"recipe {cfg.recipe}" if cfg.get("recipe") else cfg.stage.name
     log.info("%s done:\n%s", name, summary(result, Path(cfg.run_dir), cfg.get("recipe") or cfg.stage.name))

@@ -11,13 +11,12 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.ema import EMA
 from .callbacks.validation import Validation, best_checkpoint
-from .checkpointing import AtomicCheckpointIO
+from .checkpointing import AtomicCheckpointIO, checkpoint_step, newest_checkpoint, remove_hpc_checkpoints
 from .config import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
@@ -29,6 +28,7 @@ from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
 from .models.memory import enable_gradient_checkpointing
 from .secrets import redact, secret_values
+from .signals import StopOnSignal
 from .stages.denoise import DenoiseStage
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: in
         every_n_train_steps=every, save_top_k=1, save_last=True,
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks], logger=loggers or False,
+    stop = StopOnSignal(run_dir / "checkpoints" / "last.ckpt")  # last: after the callbacks that update state
+    return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks, stop], logger=loggers or False,
                      plugins=[AtomicCheckpointIO()], **tcfg)
 
 
@@ -88,24 +89,42 @@ def trainable_bundle(model: DictConfig, lora: DictConfig | None):
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path, trainer: L.Trainer) -> str | None:
-    """`trainer.resume` for Lightning. Metrics rows logged past that checkpoint are dropped (the resumed run logs
-    them again), all of them when there is no checkpoint to resume (an attempt killed before its first one).
+    """The checkpoint `trainer.resume` names, for Lightning: `last` is the run directory's newest valid
+    checkpoint of any kind (`last.ckpt`, step checkpoints, SLURM's `hpc_ckpt_<n>.ckpt`; none: a fresh start).
+    Metrics rows logged past that checkpoint are dropped (the resumed run logs them again), all of them when
+    there is no checkpoint to resume (an attempt killed before its first one). Requeue checkpoints other than
+    the one resumed are older or torn, and removed.
 
     A sharded checkpoint (a folder, from `trainer=fsdp`) resumes only under `trainer=fsdp`, on any number of ranks.
     """
-    ckpt_path = cfg.trainer.resume
-    resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path or "")
-    step = 0
-    if ckpt_path and resolved.exists():
+    resume, resolved, step = cfg.trainer.resume, None, 0
+    try:
+        if resume == "last":
+            resolved, step = newest_checkpoint(run_dir) or (None, 0)
+        elif resume:
+            resolved = Path(resume)
+            step = checkpoint_step(resolved)
+    except ValueError as e:
+        raise ConfigError(f"trainer.resume: {e}") from None
+    if resolved is not None:
         sharded = _is_sharded_checkpoint(resolved)  # a folder with Lightning's meta.pt
         if sharded != isinstance(trainer.strategy, FSDP2Strategy):
             raise ConfigError(f"trainer.resume: {resolved} is a {'sharded' if sharded else 'single-file'} checkpoint; "
                               f"resume it with {'trainer=fsdp' if sharded else 'a non-FSDP trainer'}")
-        meta = resolved / _METADATA_FILENAME if sharded else resolved
-        step = torch.load(meta, map_location="cpu", mmap=not sharded, weights_only=True)["global_step"]
+        log.info("resuming from %s (step %d)", resolved, step)
     if trainer.is_global_zero:
         drop_rows_from(run_dir / "metrics.csv", step)
-    return ckpt_path
+        if resume == "last":
+            remove_hpc_checkpoints(run_dir, keep=resolved)
+    return None if resolved is None else str(resolved)
+
+
+def save_last(trainer: L.Trainer, run_dir: Path) -> None:
+    """The final step's full checkpoint `checkpoints/last.ckpt`, for resume and export; SLURM requeue checkpoints
+    are older from then on."""
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if trainer.is_global_zero:
+        remove_hpc_checkpoints(run_dir)
 
 
 def lineage(cfg: DictConfig, run_dir: Path, step: int, data, **extra) -> dict:
@@ -184,8 +203,7 @@ def fit(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, run_dir, [c for c in (ema, validation, throughput, best) if c is not None], max_steps)
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    # the final step (full state), for resume and export
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    save_last(trainer, run_dir)
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1),
               **validation.results.get("final", {})}
     if best is not None and best.best_model_path:

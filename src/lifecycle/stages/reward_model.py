@@ -21,7 +21,7 @@ from ..config import ConfigError
 from ..data.preferences import PairDataModule, pair_batches, read_manifest
 from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
 from ..rewards.learned import LearnedReward
-from ..train import build_trainer, lineage, resume_checkpoint
+from ..train import build_trainer, lineage, resume_checkpoint, save_last
 from .optim import adamw_with_schedule, log_step
 
 log = logging.getLogger(__name__)
@@ -128,14 +128,13 @@ def run(cfg: DictConfig) -> dict:
         return pair_accuracy(reward, batches, device)
 
     ckpt_path = resume_checkpoint(cfg, run_dir, trainer)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resuming = ckpt_path not in (None, "last") or (ckpt_path == "last" and last.is_file())
+    resuming = ckpt_path is not None
     before = evaluate()
     if not resuming:  # a resumed run's metrics.csv already has this row
         _log(trainer, {"val/accuracy": before["accuracy"], "val/loss": before["loss"]}, step=0)
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    save_last(trainer, run_dir)
     fit_seconds = round(time.time() - start, 1)
     after = evaluate()
     _log(trainer, {"val/accuracy": after["accuracy"], "val/loss": after["loss"]}, step=trainer.global_step)
