@@ -16,6 +16,7 @@ from .data.shards import DataError
 from .data.video_io import write_atomically
 from .outputs import configure as configure_outputs
 from .recipes import run_recipe
+from .rundir import claim
 from .secrets import protect, redact, secret_values
 from .signals import Interrupted
 from .stages.guard import DivergenceError
@@ -44,13 +45,16 @@ def reason(error: Exception) -> str:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     protect(cfg)  # before anything is logged: secrets masked in logs and in .hydra/*.yaml
+    lock = None
     try:
+        lock = claim(cfg)  # one run per run directory; a finished one is not silently overwritten
         if cfg.get("recipe"):
             result = run_recipe(cfg)
         else:
             cfg = validate(cfg)
             configure_outputs(cfg)
             result = get_method(cfg.stage.run)(cfg)
+        write_result(result, cfg)
     except ConfigError as e:
         log.error("config error: %s", e)
         sys.exit(2)
@@ -61,7 +65,9 @@ def main(cfg: DictConfig):
         again = "" if cfg.get("recipe") else " trainer.resume=last"  # a recipe resumes its stages itself
         log.error("%s; to resume, run the same command with%s hydra.run.dir=%s", e, again, cfg.run_dir)
         sys.exit(e.exit_status)
-    write_result(result, cfg)
+    finally:
+        if lock is not None:
+            lock.release()
     name = f"recipe {cfg.recipe}" if cfg.get("recipe") else cfg.stage.name
     log.info("%s done:\n%s", name, summary(result, Path(cfg.run_dir), cfg.get("recipe") or cfg.stage.name))
     return result

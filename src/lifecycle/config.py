@@ -539,6 +539,8 @@ def _check_top_level(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: unknown top-level key (known: {sorted(known)})")
     if type(cfg.get("seed")) is not int:
         raise ConfigError(f"seed: must be an integer, got {cfg.get('seed')!r}")
+    if type(cfg.get("overwrite", False)) is not bool:
+        raise ConfigError(f"overwrite: must be true or false, got {cfg.get('overwrite')!r}")
     for key in cfg.get("prompts") or {}:
         if key not in PROMPT_SETS:
             raise ConfigError(f"prompts.{key}: unknown prompt set (known: {list(PROMPT_SETS)})")

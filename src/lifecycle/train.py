@@ -27,6 +27,7 @@ from .metrics.quality import build_quality
 from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
 from .models.memory import enable_gradient_checkpointing
+from .rundir import swap_in
 from .secrets import redact, secret_values
 from .signals import StopOnSignal
 from .stages.denoise import DenoiseStage
@@ -136,15 +137,15 @@ def lineage(cfg: DictConfig, run_dir: Path, step: int, data, **extra) -> dict:
 
 
 def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
-    """Write the bundle folder next to `path` and swap it in, so `path` is never half-written.
+    """Write the bundle folder next to `path` and swap it in, so `path` is never half-written and an old export
+    stays until the new one is complete (`lifecycle.rundir.swap_in`).
 
     A LoRA denoiser is exported merged, or as base weights plus an adapter folder (`lora="adapter"`).
     """
     staging = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     bundle.save_pretrained(staging, lineage=lineage, lora=lora)
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
+    swap_in(staging, path)
 
 
 def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dict, lora: str = "merge") -> None:
