@@ -81,9 +81,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             staging_path(Path(path)).unlink(missing_ok=True)
 
 
-def checkpoint_step(path: Path) -> int:
-    """The optimizer step a resumable checkpoint (a file, or a sharded folder's meta.pt) holds. Raises
-    ValueError saying why a file is not one (torn, unreadable, unsafe to load, or weights only)."""
+def read_checkpoint(path: Path) -> dict:
+    """A resumable checkpoint's contents (a sharded folder's: its meta.pt, without the weights), memory-mapped.
+    Raises ValueError saying why a file is not one (torn, unreadable, unsafe to load, or weights only)."""
     sharded = _is_sharded_checkpoint(path)
     try:
         ckpt = torch.load(path / _METADATA_FILENAME if sharded else path, map_location="cpu", mmap=not sharded,
@@ -92,7 +92,12 @@ def checkpoint_step(path: Path) -> int:
         raise ValueError(f"{path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(ckpt, dict) or "loops" not in ckpt or ("optimizer_states" not in ckpt and not sharded):
         raise ValueError(f"{path}: not a full training checkpoint (weights only?)")
-    return ckpt["global_step"]
+    return ckpt
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a resumable checkpoint holds (ValueError: see `read_checkpoint`)."""
+    return read_checkpoint(path)["global_step"]
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.ema import EMA
 from .callbacks.validation import Validation, best_checkpoint
-from .checkpointing import AtomicCheckpointIO, checkpoint_step, newest_checkpoint, remove_hpc_checkpoints
+from .checkpointing import (AtomicCheckpointIO, checkpoint_step, newest_checkpoint, read_checkpoint,
+                            remove_hpc_checkpoints)
 from .config import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
@@ -27,6 +28,7 @@ from .metrics.quality import build_quality
 from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
 from .models.memory import enable_gradient_checkpointing
+from .resume import RunConfig
 from .rundir import swap_in
 from .secrets import redact, secret_values
 from .signals import StopOnSignal
@@ -62,7 +64,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: in
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     stop = StopOnSignal(run_dir / "checkpoints" / "last.ckpt")  # last: after the callbacks that update state
-    return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks, stop], logger=loggers or False,
+    callbacks = [checkpoint, RunConfig(cfg), *callbacks, stop]
+    return L.Trainer(default_root_dir=run_dir, callbacks=callbacks, logger=loggers or False,
                      plugins=[AtomicCheckpointIO()], **tcfg)
 
 
@@ -105,6 +108,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, trainer: L.Trainer) -> str
         elif resume:
             resolved = Path(resume)
             step = checkpoint_step(resolved)
+        stored = read_checkpoint(resolved).get("callbacks", {}).get(RunConfig.__qualname__) if resolved else None
     except ValueError as e:
         raise ConfigError(f"trainer.resume: {e}") from None
     if resolved is not None:
@@ -112,6 +116,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, trainer: L.Trainer) -> str
         if sharded != isinstance(trainer.strategy, FSDP2Strategy):
             raise ConfigError(f"trainer.resume: {resolved} is a {'sharded' if sharded else 'single-file'} checkpoint; "
                               f"resume it with {'trainer=fsdp' if sharded else 'a non-FSDP trainer'}")
+        run_config = next(c for c in trainer.callbacks if isinstance(c, RunConfig))
+        run_config.check((stored or {}).get("config"), resolved, step)
         log.info("resuming from %s (step %d)", resolved, step)
     if trainer.is_global_zero:
         drop_rows_from(run_dir / "metrics.csv", step)
@@ -151,6 +157,9 @@ def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
 def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dict, lora: str = "merge") -> None:
     """`export` on rank 0 after training; a sharded (`trainer=fsdp`) bundle is first gathered into `rebuild()`,
     an unsharded bundle of the same structure, so every rank must call this."""
+    resumed = next(c for c in trainer.callbacks if isinstance(c, RunConfig)).history
+    if resumed:  # what each resume changed, at which step: the values that actually ran
+        lineage = {**lineage, "resumed": resumed}
     if isinstance(trainer.strategy, FSDP2Strategy):
         bundle = gather_bundle(bundle, rebuild)
     if trainer.is_global_zero:

@@ -21,6 +21,7 @@ from ..config import ConfigError
 from ..data.preferences import PairDataModule, pair_batches, read_manifest
 from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
 from ..rewards.learned import LearnedReward
+from ..rundir import swap_in
 from ..train import build_trainer, lineage, resume_checkpoint, save_last
 from .optim import adamw_with_schedule, log_step
 
@@ -154,8 +155,7 @@ def run(cfg: DictConfig) -> dict:
         staging = export.with_name(f".{export.name}.tmp")  # swapped in whole, so the export is never half-written
         shutil.rmtree(staging, ignore_errors=True)
         reward.save_pretrained(staging, made)
-        shutil.rmtree(export, ignore_errors=True)
-        staging.rename(export)
+        swap_in(staging, export)
         log.info("held-out pair accuracy %.3f -> %.3f (%d pairs); exported %s",
                  before["accuracy"], after["accuracy"], after["pairs"], export)
     return result
