@@ -44,6 +44,10 @@ def reason(error: Exception) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
+    """Exit status: 0 done, 1 stopped by the run itself or failed, 2 a configuration error, 128 + the signal's
+    number when stopped by SIGTERM or SIGINT. Every error is logged here, through the handlers that mask
+    secrets: an exception reaching Hydra would make it write the command line's overrides, unmasked, to stderr
+    ("Error executing job with overrides: [...]")."""
     protect(cfg)  # before anything is logged: secrets masked in logs and in .hydra/*.yaml
     lock = None
     try:
@@ -65,6 +69,9 @@ def main(cfg: DictConfig):
         again = "" if cfg.get("recipe") else " trainer.resume=last"  # a recipe resumes its stages itself
         log.error("%s; to resume, run the same command with%s hydra.run.dir=%s", e, again, cfg.run_dir)
         sys.exit(e.exit_status)
+    except Exception:  # noqa: BLE001 - logged here, secrets masked; Hydra would print the overrides unmasked
+        log.exception("failed")
+        sys.exit(1)
     finally:
         if lock is not None:
             lock.release()

@@ -726,9 +726,22 @@ def _check_latent_cache(cfg: DictConfig, schema) -> None:
                                   f"latent cache holds {cache['frames']} frames at {cache['resolution']} px")
 
 
+def _check_literal_secrets(cfg: DictConfig) -> None:
+    """A secret-named key (`*token`, `*api_key`, `*secret`, `*password`, ...: lifecycle.secrets) must get its value
+    from the environment: a literal value is in the command line, which Hydra, the shell's history and wandb's run
+    metadata record as typed."""
+    from .secrets import secret_paths  # it imports Hydra's runtime config
+
+    for path, raw in secret_paths(OmegaConf.to_container(cfg, resolve=False)):
+        if raw and "${" not in raw:
+            raise ConfigError(f"{path}: a literal secret in the config; pass it from an environment variable: "
+                              f"{path}=${{oc.env:YOUR_VARIABLE}}")
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Typed, checked copy of `cfg`; raises ConfigError naming the first bad key."""
     cfg = cfg.copy()
+    _check_literal_secrets(cfg)
     _check_top_level(cfg)
     for section, schema in SECTION_SCHEMAS.items():
         cfg[section] = _typed(section, schema, cfg[section])
