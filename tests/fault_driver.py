@@ -2,7 +2,7 @@
 
 - `kill-at-step n`: SIGKILL as the training step after optimizer step n begins;
 - `kill-in-checkpoint-write n`: SIGKILL halfway through writing the n-th checkpoint file (its first half on disk);
-- `sigterm-at-step n`, `sigint-at-step n`: that signal as the training step after optimizer step n begins;
+- `sigterm-at-step n`, `sigint-at-step n`: that signal to rank 0 as the training step after optimizer step n begins;
 - `requeue-at-step n`: SIGUSR1 (SLURM's warning before a time limit or preemption; the test sets SLURM's
   environment) as step n + 1 begins, then, once Lightning has written its requeue checkpoint, SIGKILL.
 
@@ -43,8 +43,8 @@ def signal_at_step(n: int, signum: int) -> None:
     original = DenoiseStage.training_step
 
     def training_step(self, batch, batch_idx):
-        if self.global_step == n and not getattr(self, "_signalled", False):  # once: the step is done again
-            self._signalled = True
+        if self.global_step == n and self.global_rank == 0 and not getattr(self, "_signalled", False):
+            self._signalled = True  # once (the step is done again after a resume); rank 0 only: the others must follow
             os.kill(os.getpid(), signum)
         return original(self, batch, batch_idx)
 
@@ -85,11 +85,13 @@ def kill_in_checkpoint_write(n: int) -> None:
 
 
 if __name__ == "__main__":
-    fault, n, *overrides = sys.argv[1:]
+    if "LIFECYCLE_FAULT" not in os.environ:  # the ranks Lightning launches run this file again, and inherit it
+        os.environ["LIFECYCLE_FAULT"] = " ".join(sys.argv[1:3])
+        del sys.argv[1:3]
+    fault, n = os.environ["LIFECYCLE_FAULT"].split()
     {"kill-at-step": kill_at_step, "kill-in-checkpoint-write": kill_in_checkpoint_write,
      "sigterm-at-step": lambda n: signal_at_step(n, signal.SIGTERM),
      "sigint-at-step": lambda n: signal_at_step(n, signal.SIGINT), "requeue-at-step": requeue_at_step}[fault](int(n))
-    sys.argv = ["lifecycle", *overrides]
     from lifecycle.__main__ import main
 
     main()

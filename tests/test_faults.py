@@ -250,6 +250,16 @@ def test_sigterm_and_sigint_checkpoint_at_the_next_step_and_exit_non_zero(tmp_pa
     _assert_same(straight, _trained(tmp_path))
 
 
+def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_step(tmp_path, synthetic_shards):
+    """Two DDP ranks; only rank 0 gets the signal (as after `kill <pid>`): the ranks agree through an all-reduce at
+    every step boundary, so rank 1 stops at the same step instead of waiting forever in the next collective."""
+    stopped = _killed(tmp_path, synthetic_shards, "sigterm-at-step", "3", "trainer.strategy=ddp", "trainer.devices=2")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    line = _one_line(stopped.stdout + stopped.stderr, "stopped by")  # rank 0's only
+    assert "stopped by SIGTERM at step 4; checkpoint" in line
+    assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
 def test_an_interrupted_recipe_exits_non_zero_and_leaves_its_stage_unfinished(tmp_path, synthetic_shards):
     """Before: status 0 and no done.json, so `&&` chains and workflow engines took the recipe as finished."""
     recipe = tmp_path / "recipe.yaml"

@@ -67,7 +67,8 @@ def main(cfg: DictConfig):
         sys.exit(1)
     except Interrupted as e:  # SIGTERM or SIGINT, at a step boundary
         again = "" if cfg.get("recipe") else " trainer.resume=last"  # a recipe resumes its stages itself
-        log.error("%s; to resume, run the same command with%s hydra.run.dir=%s", e, again, cfg.run_dir)
+        if rank_zero_only.rank == 0:  # every rank stopped at the same step
+            log.error("%s; to resume, run the same command with%s hydra.run.dir=%s", e, again, cfg.run_dir)
         sys.exit(e.exit_status)
     except Exception:  # noqa: BLE001 - logged here, secrets masked; Hydra would print the overrides unmasked
         log.exception("failed")
