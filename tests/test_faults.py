@@ -71,7 +71,7 @@ def _killed(run_dir, shards, *fault: str, env=None) -> subprocess.CompletedProce
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads()),  # as in-process
            **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_driver.py"), *fault, *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, start_new_session=True)  # its own process group: ctrl-c-at-step signals it
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +248,17 @@ def test_sigterm_and_sigint_checkpoint_at_the_next_step_and_exit_non_zero(tmp_pa
 
     fit(compose_cfg(tmp_path, *SHORT, "trainer.resume=last", shards=synthetic_shards))
     _assert_same(straight, _trained(tmp_path))
+
+
+def test_ctrl_c_while_waiting_for_loader_workers_stops_at_the_step_boundary(tmp_path, synthetic_shards):
+    """Ctrl+C reaches every process of the terminal's group, the loader workers included, here while the main
+    process waits for a batch: the workers stay alive (they leave the signal to the main process), the batch
+    arrives, and the run stops after that step."""
+    stopped = _killed(tmp_path, synthetic_shards, "ctrl-c-at-step", "3", "data.num_workers=2")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    line = _one_line(stopped.stdout + stopped.stderr, "stopped by")
+    step = _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"]
+    assert step in (4, 5) and f"stopped by SIGINT at step {step}; checkpoint" in line  # 4 + the step it waited for
 
 
 def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_step(tmp_path, synthetic_shards):

@@ -40,8 +40,9 @@ class Interrupted(Exception):
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`: a worker leaves SIGTERM and SIGINT to the main process.
 
-    Ctrl+C (and SLURM's SIGTERM) reaches every process of the job; a worker that died of it would end the run
-    with "DataLoader worker exited unexpectedly" before the main process reached its step boundary.
+    Ctrl+C (and SLURM's SIGTERM) reaches every process of the job. A worker forked while Python's default
+    handlers were in place would die of it, and the run would end with "DataLoader worker exited unexpectedly"
+    before the main process reached its step boundary; the main process ends its workers itself.
     """
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
