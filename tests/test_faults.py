@@ -1,5 +1,6 @@
-"""Fault injection on a short pre-training run: SIGKILL, a kill inside a checkpoint write, a full disk,
-NaN/Inf gradients, corrupt data. Each ends with what the README's reliability table promises.
+"""Fault injection on a short pre-training run: SIGKILL, a kill inside a checkpoint write, SIGTERM and SIGINT, a
+SLURM requeue, a full disk, NaN/Inf gradients, corrupt data. Each ends with what the README's reliability table
+promises.
 
 The random step and checkpoint write are drawn from a seed printed with any failure; set
 LIFECYCLE_FAULT_SEED to replay one.

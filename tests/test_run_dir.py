@@ -90,6 +90,8 @@ def test_rerunning_a_finished_directory_is_refused_unless_overwrite(tmp_path, sy
     cfg = compose_cfg(run, *SHORT, "overwrite=true", shards=synthetic_shards)
     with pytest.raises(ConfigError, match="overwrite: true starts the run over; it cannot be combined"):
         claim(compose_cfg(run, *SHORT, "overwrite=true", "trainer.resume=last", shards=synthetic_shards))
+    with pytest.raises(ConfigError, match="overwrite: a recipe continues its run directory"):
+        claim(compose_cfg(run, "overwrite=true", "recipe=tiny"))
     claim(cfg).release()
     assert fit(cfg)["steps"] == 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step000004.ckpt"]

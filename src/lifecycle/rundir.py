@@ -104,7 +104,10 @@ def claim(cfg: DictConfig) -> RunDirLock | None:
     lock = RunDirLock(run_dir)
     try:
         recover_export(run_dir / "export")
-        if cfg.get("overwrite") and cfg.trainer.get("resume") and not cfg.get("recipe"):
+        if cfg.get("overwrite") and cfg.get("recipe"):
+            raise ConfigError(f"overwrite: a recipe continues its run directory (finished stages are skipped); to "
+                              f"start it over, delete {run_dir} or choose another hydra.run.dir")
+        if cfg.get("overwrite") and cfg.trainer.get("resume"):
             raise ConfigError("overwrite: true starts the run over; it cannot be combined with trainer.resume")
         found = started(run_dir)
         if cfg.get("recipe") or cfg.trainer.get("resume") or not found:

@@ -142,6 +142,12 @@ def lineage(cfg: DictConfig, run_dir: Path, step: int, data, **extra) -> dict:
     return redact(made, secret_values(cfg))
 
 
+def with_resumes(lineage: dict, trainer: L.Trainer) -> dict:
+    """`lineage` plus what each resume of the run changed, at which step (`resumed`): the values that actually ran."""
+    resumed = next(c for c in trainer.callbacks if isinstance(c, RunConfig)).history
+    return {**lineage, "resumed": resumed} if resumed else lineage
+
+
 def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
     """Write the bundle folder next to `path` and swap it in, so `path` is never half-written and an old export
     stays until the new one is complete (`lifecycle.rundir.swap_in`).
@@ -157,9 +163,7 @@ def export(bundle, path: Path, lineage: dict, lora: str = "merge") -> None:
 def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dict, lora: str = "merge") -> None:
     """`export` on rank 0 after training; a sharded (`trainer=fsdp`) bundle is first gathered into `rebuild()`,
     an unsharded bundle of the same structure, so every rank must call this."""
-    resumed = next(c for c in trainer.callbacks if isinstance(c, RunConfig)).history
-    if resumed:  # what each resume changed, at which step: the values that actually ran
-        lineage = {**lineage, "resumed": resumed}
+    lineage = with_resumes(lineage, trainer)
     if isinstance(trainer.strategy, FSDP2Strategy):
         bundle = gather_bundle(bundle, rebuild)
     if trainer.is_global_zero:

@@ -22,7 +22,7 @@ from ..data.preferences import PairDataModule, pair_batches, read_manifest
 from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
 from ..rewards.learned import LearnedReward
 from ..rundir import swap_in
-from ..train import build_trainer, lineage, resume_checkpoint, save_last
+from ..train import build_trainer, lineage, resume_checkpoint, save_last, with_resumes
 from .optim import adamw_with_schedule, log_step
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def run(cfg: DictConfig) -> dict:
         (run_dir / "report").mkdir(parents=True, exist_ok=True)
         (run_dir / "report" / "accuracy.json").write_text(json.dumps(report, indent=2))
         # its parent is the pairs it learned from (not the model that sampled them)
-        made = lineage(cfg, run_dir, trainer.global_step, s.pairs, parent=s.pairs, accuracy=after)
+        made = with_resumes(lineage(cfg, run_dir, trainer.global_step, s.pairs, parent=s.pairs, accuracy=after), trainer)
         export = run_dir / "export"
         staging = export.with_name(f".{export.name}.tmp")  # swapped in whole, so the export is never half-written
         shutil.rmtree(staging, ignore_errors=True)
