@@ -37,15 +37,15 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: a worker leaves SIGTERM and SIGINT to the main process.
+def worker_signals(_worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores SIGINT and dies of SIGTERM, whatever it inherited.
 
-    Ctrl+C (and SLURM's SIGTERM) reaches every process of the job. A worker forked while Python's default
-    handlers were in place would die of it, and the run would end with "DataLoader worker exited unexpectedly"
-    before the main process reached its step boundary; the main process ends its workers itself.
+    Workers are forked while `StopOnSignal`'s handlers are in place, and would inherit them: a worker that records
+    SIGTERM instead of dying cannot be stopped by `multiprocessing`'s terminate() at exit, and the process hangs.
+    Ctrl+C reaches every process of the terminal's group; the main process ends its workers itself.
     """
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class StopOnSignal(L.Callback):

@@ -8,7 +8,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
@@ -16,8 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.ema import EMA
 from .callbacks.validation import Validation, best_checkpoint
-from .checkpointing import (AtomicCheckpointIO, checkpoint_step, newest_checkpoint, read_checkpoint,
-                            remove_hpc_checkpoints)
+from .checkpointing import AtomicCheckpointIO, newest_checkpoint, read_checkpoint, remove_hpc_checkpoints
 from .config import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
@@ -101,23 +99,23 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, trainer: L.Trainer) -> str
 
     A sharded checkpoint (a folder, from `trainer=fsdp`) resumes only under `trainer=fsdp`, on any number of ranks.
     """
-    resume, resolved, step = cfg.trainer.resume, None, 0
+    resume, resolved = cfg.trainer.resume, None
     try:
         if resume == "last":
-            resolved, step = newest_checkpoint(run_dir) or (None, 0)
+            resolved = (newest_checkpoint(run_dir) or (None,))[0]
         elif resume:
             resolved = Path(resume)
-            step = checkpoint_step(resolved)
-        stored = read_checkpoint(resolved).get("callbacks", {}).get(RunConfig.__qualname__) if resolved else None
+        ckpt = read_checkpoint(resolved) if resolved is not None else {}
     except ValueError as e:
         raise ConfigError(f"trainer.resume: {e}") from None
+    step = ckpt.get("global_step", 0)
     if resolved is not None:
         sharded = _is_sharded_checkpoint(resolved)  # a folder with Lightning's meta.pt
         if sharded != isinstance(trainer.strategy, FSDP2Strategy):
             raise ConfigError(f"trainer.resume: {resolved} is a {'sharded' if sharded else 'single-file'} checkpoint; "
                               f"resume it with {'trainer=fsdp' if sharded else 'a non-FSDP trainer'}")
         run_config = next(c for c in trainer.callbacks if isinstance(c, RunConfig))
-        run_config.check((stored or {}).get("config"), resolved, step)
+        run_config.check(ckpt.get("callbacks", {}).get(run_config.state_key, {}).get("config"), resolved, step)
         log.info("resuming from %s (step %d)", resolved, step)
     if trainer.is_global_zero:
         drop_rows_from(run_dir / "metrics.csv", step)

@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
-from ..signals import ignore_stop_signals
+from ..signals import worker_signals
 from .curriculum import Curriculum
 from .select import Selection
 from .shards import CurriculumStream, list_shards
@@ -55,7 +55,7 @@ class ShardDataModule(L.LightningDataModule):
             max_bad_in_a_row=self.max_bad_in_a_row, max_bad_share=self.max_bad_share,
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                          worker_init_fn=ignore_stop_signals)
+                          worker_init_fn=worker_signals)
 
 
 def write(cfg) -> dict:

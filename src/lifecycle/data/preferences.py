@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from ..signals import ignore_stop_signals
+from ..signals import worker_signals
 from .curriculum import Curriculum, Phase
 from .shards import CurriculumStream, list_shards, resize_clip
 
@@ -251,7 +251,7 @@ class PairDataModule(L.LightningDataModule):
                             start_batch=trainer.lightning_module.batches_seen, shuffle_buffer=self.shuffle_buffer,
                             rank=trainer.global_rank, world_size=trainer.world_size, val_fraction=self.val_fraction)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                          worker_init_fn=ignore_stop_signals)
+                          worker_init_fn=worker_signals)
 
 
 # -- Pick-a-Pic ------------------------------------------------------------------------------------
