@@ -89,6 +89,14 @@ CASES = [
     ("value that cannot work", ["stage=dpo", "stage.pairs={pairs}", "stage.guard.max_skips_in_a_row=0"],
      "stage.guard.max_skips_in_a_row: must be >= 1"),
     ("value that cannot work", ["data.max_bad_share=0"], "data.max_bad_share: must be in (0, 1]"),
+    ("resolution the patch size does not divide", ["stage.curriculum=[{name:a,resolution:18,frames:8,batch_size:4,steps:2}]"],
+     "stage.curriculum[0].resolution: 18 px is not a multiple of 4 (the denoiser's patch_size is 4, in model)"),
+    ("resolution the patch size does not divide", ["stage=vader", "model=tiny_wan", "stage.resolution=30"],
+     "stage.resolution: 30 px is not a multiple of 4 (the denoiser's patch_size is 4, in model)"),
+    ("resolution the VAE and patch size do not divide",
+     ["model=tiny_dit", "stage.curriculum=[{name:a,resolution:18,frames:1,batch_size:4,steps:2}]"],
+     "stage.curriculum[0].resolution: 18 px is not a multiple of 4 (the VAE down-samples 2x and the denoiser's "
+     "patch_size is 2, in model)"),
     ("empty prompt file", ["stage=vader", "prompts.train={prompts}"], "prompts.train: the prompt set is empty"),
     ("shards folder without shards", ["data.shards={empty}", "data.generate=null"],
      "data.shards: no shards at '{empty}' (the folder holds no *.tar)"),
@@ -130,3 +138,36 @@ def test_the_cli_exits_before_compute_with_one_error_line(tmp_path):
     assert out.returncode == 2 and len(errors) == 1
     assert "config error: reward.judge: tests.test_config_errors.Judge is not differentiable" in errors[0]
     assert not (tmp_path / "samples").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_recipe_validates_every_stage_before_its_first_stage_runs(tmp_path):
+    """Before: each stage was validated only when reached, so a bad stage 2 failed after stage 1 trained."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - {name: pretrain, overrides: [stage=pretrain]}\n"
+                      "  - {name: sft, overrides: [stage=sft, 'data.shards={run:pretrain}/shards', data.generate=null,"
+                      " stage.optimizer.lr=-1e-3]}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-m", "lifecycle", f"recipe={recipe}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "config error" in line]
+    assert out.returncode == 2 and len(errors) == 1, (out.stdout + out.stderr)[-3000:]
+    assert errors[0].endswith("config error: recipe stage sft: stage.optimizer.lr: must be >= 0, got -0.001")
+    assert not (tmp_path / "run" / "pretrain").exists()  # nothing trained
+
+
+def test_the_whole_tiny_recipe_validates_before_any_stage_ran(tmp_path):
+    """The paths its later stages read ({run:curate}/shards, {run:preferences}/pairs, exports) do not exist yet;
+    they are not looked up, everything else is."""
+    from hydra import compose, initialize_config_dir
+
+    from lifecycle.recipes import load_recipe, validate_all
+
+    from .helpers import CONF_DIR
+
+    recipe = load_recipe("tiny")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["recipe=tiny", f"run_dir={tmp_path}"])
+        validate_all(cfg, recipe, tmp_path)
+        recipe.stages[-2].overrides.append("stage.resolution=30")  # VADER, 7th of 8, at a resolution 4 does not divide
+        with pytest.raises(ConfigError, match=r"^recipe stage vader: stage.resolution: 30 px is not a multiple of 4"):
+            validate_all(cfg, recipe, tmp_path)

@@ -1,5 +1,6 @@
-"""Fault injection on a short pre-training run: SIGKILL, a kill inside a checkpoint write, a full disk,
-NaN/Inf gradients, corrupt data. Each ends with what the README's reliability table promises.
+"""Fault injection on a short pre-training run: SIGKILL, a kill inside a checkpoint write, SIGTERM and SIGINT, a
+SLURM requeue, a full disk, NaN/Inf gradients, corrupt data. Each ends with what the README's reliability table
+promises.
 
 The random step and checkpoint write are drawn from a seed printed with any failure; set
 LIFECYCLE_FAULT_SEED to replay one.
@@ -11,6 +12,7 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tarfile
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifecycle.checkpointing import CheckpointWriteError
+from lifecycle.checkpointing import CheckpointWriteError, newest_checkpoint
 from lifecycle.data.shards import list_shards
 from lifecycle.data.video_io import encode_video
 from lifecycle.stages.denoise import DenoiseStage
@@ -63,12 +65,14 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["lifecycle"] == b["lifecycle"]
 
 
-def _killed(run_dir, shards, *fault: str) -> subprocess.CompletedProcess:
-    """`python -m lifecycle` on the test model in a fresh process, through tests/fault_driver.py with `fault`."""
+def _killed(run_dir, shards, *fault: str, env=None) -> subprocess.CompletedProcess:
+    """`python -m lifecycle` on the test model in a fresh process, through tests/fault_driver.py with `fault`
+    (its name, its number, then any further overrides); `env`: added to the environment."""
     overrides = [*TINY, *SHORT, f"data.shards={shards}", "data.generate=null", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as in-process
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads()),  # as in-process
+           **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_driver.py"), *fault, *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, start_new_session=True)  # its own process group: ctrl-c-at-step signals it
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +223,105 @@ def test_the_guard_stops_a_run_whose_every_update_is_skipped(tmp_path, synthetic
     with pytest.raises(DivergenceError, match="step 2: loss is nan; the last 3 updates were all skipped"):
         fit(cfg)
     assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def _one_line(output: str, start: str) -> str:
+    lines = [line for line in output.splitlines() if start in line]
+    assert len(lines) == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_checkpoint_at_the_next_step_and_exit_non_zero(tmp_path, synthetic_shards, straight, signum):
+    """Before: SIGTERM ended the run with status 0, no checkpoint at the signal and no message (Lightning's
+    SIGTERMException is a SystemExit without a code); Ctrl+C landed wherever it fell, mid-step included."""
+    step = random.Random(SEED).randint(1, STEPS - 2)
+    name = signal.Signals(signum).name
+    stopped = _killed(tmp_path, synthetic_shards, f"{name.lower()}-at-step", str(step))
+    assert stopped.returncode == 128 + signum, f"seed {SEED}: {stopped.stderr[-2000:]}"
+    line = _one_line(stopped.stdout + stopped.stderr, "stopped by")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert line.endswith(f"stopped by {name} at step {step + 1}; checkpoint {last}; to resume, run the same "
+                         f"command with trainer.resume=last hydra.run.dir={tmp_path}"), line
+    assert _load(last)["global_step"] == step + 1  # the step in flight was finished and kept: none lost
+    assert not (tmp_path / "export").exists() and not (tmp_path / "result.json").exists()
+
+    fit(compose_cfg(tmp_path, *SHORT, "trainer.resume=last", shards=synthetic_shards))
+    _assert_same(straight, _trained(tmp_path))
+
+
+def test_ctrl_c_while_waiting_for_loader_workers_stops_at_the_step_boundary(tmp_path, synthetic_shards):
+    """Ctrl+C reaches every process of the terminal's group, the loader workers included, here while the main
+    process waits for a batch: the workers stay alive (they leave the signal to the main process), the batch
+    arrives, and the run stops after that step."""
+    stopped = _killed(tmp_path, synthetic_shards, "ctrl-c-at-step", "3", "data.num_workers=2")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    line = _one_line(stopped.stdout + stopped.stderr, "stopped by")
+    step = _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"]
+    assert step in (4, 5) and f"stopped by SIGINT at step {step}; checkpoint" in line  # 4 + the step it waited for
+
+
+def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_step(tmp_path, synthetic_shards):
+    """Two DDP ranks; only rank 0 gets the signal (as after `kill <pid>`): the ranks agree through an all-reduce at
+    every step boundary, so rank 1 stops at the same step instead of waiting forever in the next collective."""
+    stopped = _killed(tmp_path, synthetic_shards, "sigterm-at-step", "3", "trainer.strategy=ddp", "trainer.devices=2")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    line = _one_line(stopped.stdout + stopped.stderr, "stopped by")  # rank 0's only
+    assert "stopped by SIGTERM at step 4; checkpoint" in line
+    assert _load(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def test_an_interrupted_recipe_exits_non_zero_and_leaves_its_stage_unfinished(tmp_path, synthetic_shards):
+    """Before: status 0 and no done.json, so `&&` chains and workflow engines took the recipe as finished."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - {name: pretrain, overrides: [stage=pretrain]}\n"
+                      "  - {name: sft, overrides: [stage=sft]}\n")
+    stopped = _killed(tmp_path / "run", synthetic_shards, "sigterm-at-step", "1", f"recipe={recipe}")
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    line = _one_line(stopped.stdout + stopped.stderr, "stopped by")
+    assert line.endswith(f"to resume, run the same command with hydra.run.dir={tmp_path / 'run'}"), line
+    assert _load(tmp_path / "run" / "pretrain" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert not (tmp_path / "run" / "pretrain" / "done.json").exists() and not (tmp_path / "run" / "sft").exists()
+
+
+def test_a_slurm_requeue_resumes_from_lightnings_requeue_checkpoint(tmp_path, synthetic_shards, straight):
+    """SIGUSR1 under SLURM: Lightning writes hpc_ckpt_1.ckpt and requeues (scontrol is faked); the job is then
+    killed. Before: `trainer.resume=last` ignored that file and restarted from the older last.ckpt."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'requeued'}\n")
+    (fake / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    run = tmp_path / "run"
+    killed = _killed(run, synthetic_shards, "requeue-at-step", "5", env=slurm)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    assert _load(run / "hpc_ckpt_1.ckpt")["global_step"] == 5 and _load(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+    fit(compose_cfg(run, *SHORT, "trainer.resume=last", shards=synthetic_shards))  # the requeued job
+    _assert_same(straight, _trained(run))
+    assert not list(run.glob("hpc_ckpt_*"))  # superseded by the final checkpoint
+
+
+def test_resume_last_picks_the_newest_valid_checkpoint_of_any_kind(tmp_path):
+    def checkpoint(path, step):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": step, "loops": {}, "optimizer_states": [], "state_dict": {}}, path)
+
+    ckpts = tmp_path / "checkpoints"
+    checkpoint(ckpts / "last.ckpt", 4)
+    checkpoint(ckpts / "step000004.ckpt", 4)
+    checkpoint(tmp_path / "hpc_ckpt_1.ckpt", 3)
+    assert newest_checkpoint(tmp_path) == (ckpts / "step000004.ckpt", 4)  # equal steps: the newer file
+    checkpoint(tmp_path / "hpc_ckpt_2.ckpt", 6)
+    assert newest_checkpoint(tmp_path) == (tmp_path / "hpc_ckpt_2.ckpt", 6)
+    (tmp_path / "hpc_ckpt_3.ckpt").write_bytes((tmp_path / "hpc_ckpt_2.ckpt").read_bytes()[:200])  # torn
+    torch.save({"global_step": 9, "loops": {}, "state_dict": {}}, ckpts / "weights.ckpt")  # weights only
+    assert newest_checkpoint(tmp_path) == (tmp_path / "hpc_ckpt_2.ckpt", 6)
+    for path in (ckpts / "last.ckpt", ckpts / "step000004.ckpt", tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"):
+        path.unlink()
+    with pytest.raises(ValueError, match="no checkpoint in .* can be resumed .*hpc_ckpt_3.ckpt"):
+        newest_checkpoint(tmp_path)  # not a silent start from step 0

@@ -172,7 +172,8 @@ def test_redact_keeps_interpolations_and_masks_values_and_overrides():
 
 def test_log_records_are_masked_on_every_handler(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", ENV_SECRET)
-    cfg = compose_cfg(tmp_path, f"+model.token={SECRET}")
+    monkeypatch.setenv("MY_HUB_TOKEN", SECRET)
+    cfg = compose_cfg(tmp_path, "+model.token=${oc.env:MY_HUB_TOKEN}")
     handler = logging.FileHandler(tmp_path / "run.log")
     logging.getLogger().addHandler(handler)
     try:
@@ -199,21 +200,78 @@ def test_lineage_redacts_the_resolved_config(tmp_path, monkeypatch):
     assert json.loads(made)["config"]["model"]["token"] == MARKER and json.loads(made)["data"] == f"/data/{MARKER}"
 
 
-def test_no_secret_reaches_the_run_directory_or_the_console(tmp_path):
-    """A run given a token on the command line, and an environment secret that ends up in a logged message."""
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_TOKEN": ENV_SECRET}
-    out = subprocess.run([sys.executable, "-m", "lifecycle", f"+model.token={SECRET}", "data.generate=null",
-                          "data.shards=/no/${oc.env:HF_TOKEN}", f"hydra.run.dir={run}"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and f"data.shards: '/no/{MARKER}' does not exist" in out.stdout + out.stderr
+def _cli(run, *overrides, env: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", **env}
+    return subprocess.run([sys.executable, "-m", "lifecycle", *overrides, f"hydra.run.dir={run}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _nowhere(secrets, out: subprocess.CompletedProcess, run) -> None:
+    """None of `secrets` in the console output or in any file of the run directory."""
     files = [p for p in run.rglob("*") if p.is_file()]
-    assert {p.name for p in files} >= {"config.yaml", "overrides.yaml", "hydra.yaml", "__main__.log"}
-    for text in [out.stdout, out.stderr, *(p.read_text() for p in files)]:
-        assert SECRET not in text and ENV_SECRET not in text
+    for text in [out.stdout, out.stderr, *(p.read_text(errors="replace") for p in files)]:
+        assert not any(s in text for s in secrets)
+
+
+def test_no_secret_reaches_the_run_directory_or_the_console(tmp_path):
+    """An environment secret that ends up in a logged message."""
+    run = tmp_path / "run"
+    out = _cli(run, "+model.token=${oc.env:HF_TOKEN}", "data.generate=null", "data.shards=/no/${oc.env:HF_TOKEN}",
+               env={"HF_TOKEN": ENV_SECRET})
+    assert out.returncode == 2 and f"data.shards: '/no/{MARKER}' does not exist" in out.stdout + out.stderr
+    assert {p.name for p in run.rglob("*") if p.is_file()} >= {"config.yaml", "overrides.yaml", "hydra.yaml",
+                                                                 "__main__.log"}
+    _nowhere([ENV_SECRET], out, run)
+    assert "data.shards: '/no/***REDACTED***'" in (run / "__main__.log").read_text()
+
+
+def test_a_literal_secret_in_the_config_is_refused_in_one_line(tmp_path):
+    """Before: accepted, masked in logs, but recorded as typed in wandb's run metadata and Hydra's error line."""
+    run = tmp_path / "run"
+    out = _cli(run, f"+model.token={SECRET}", env={})
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "config error" in line]
+    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stdout + out.stderr
+    assert errors[0].endswith("config error: model.token: a literal secret in the config; pass it from an "
+                              "environment variable: model.token=${oc.env:YOUR_VARIABLE}")
+    _nowhere([SECRET], out, run)
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
         assert MARKER in (run / ".hydra" / name).read_text()
-    assert "data.shards: '/no/***REDACTED***'" in (run / "__main__.log").read_text()
+
+
+def explode(cfg):
+    """A stage that fails with an error that is not a configuration problem, naming a secret."""
+    raise RuntimeError(f"upstream refused {os.environ['HF_TOKEN']}")
+
+
+def test_a_failing_run_logs_its_error_masked_and_hydra_prints_no_overrides(tmp_path):
+    """Before: Hydra wrote `Error executing job with overrides: [...]` to stderr, unmasked, then the traceback."""
+    run = tmp_path / "run"
+    out = _cli(run, f"stage.run={__name__}.explode", f"prompts.train=[{ENV_SECRET}]", env={"HF_TOKEN": ENV_SECRET})
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "Error executing job with overrides" not in out.stdout + out.stderr
+    assert f"RuntimeError: upstream refused {MARKER}" in out.stdout + out.stderr  # logged, with its traceback
+    _nowhere([ENV_SECRET], out, run)
+
+
+def test_wandb_run_metadata_holds_no_secret(tmp_path, synthetic_shards, monkeypatch):
+    """wandb records the command line in its run metadata, which `wandb sync` uploads."""
+    from lifecycle.train import fit
+
+    monkeypatch.setenv("HF_TOKEN", ENV_SECRET)
+    monkeypatch.setattr(sys, "argv", ["lifecycle", "logger=wandb", f"data.shards=/data/{ENV_SECRET}"])
+    fit(compose_cfg(tmp_path, "logger=wandb", "trainer.max_steps=1", "data.num_workers=0", "stage.validation.num_steps=1",
+                    "stage.validation.prompts.n=1", "stage.validation.best=null", "stage.validation.metrics=false",
+                    "trainer.enable_progress_bar=false",
+                    "stage.curriculum=[{name:a,resolution:16,frames:8,batch_size:2,steps:1}]", shards=synthetic_shards))
+    import wandb
+
+    wandb.finish()  # flushes the run's records
+    records = list((tmp_path / "wandb").rglob("run-*.wandb"))  # offline: the metadata is a record in this file
+    assert len(records) == 1 and f"data.shards=/data/{MARKER}".encode() in records[0].read_bytes()
+    for path in (tmp_path / "wandb").rglob("*"):
+        if path.is_file():
+            assert ENV_SECRET.encode() not in path.read_bytes(), path
+    assert sys.argv[-1] == f"data.shards=/data/{ENV_SECRET}"  # restored: launchers re-run the command line as typed
 
 
 def test_resuming_a_tampered_checkpoint_runs_none_of_its_code(tmp_path, synthetic_shards):

@@ -19,7 +19,7 @@ from .models.memory import enable_gradient_checkpointing, freeze_to_dtype
 from .rewards.base import build_reward
 from .stages.vader import VaderStage
 from .train import (build_trainer, export_trained, for_evaluation, lineage, make_trainable, resume_checkpoint,
-                    trainable_bundle)
+                    save_last, trainable_bundle)
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,7 +65,7 @@ def vader(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
     trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    save_last(trainer, run_dir)
     fit_seconds = round(time.time() - start, 1)
 
     for_evaluation(cfg, bundle, reward, trainer=trainer)

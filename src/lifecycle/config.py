@@ -10,6 +10,7 @@ refused, each as one line `key: what is wrong`.
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -512,6 +513,27 @@ def _choice(key: str, value, choices) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
 
 
+_LATER: tuple[str, ...] = ()  # folders that earlier stages of a recipe have yet to write (`later`)
+
+
+@contextmanager
+def later(*folders) -> None:
+    """Validate a recipe's later stage before its earlier ones ran: paths inside `folders` (their run
+    directories) are not looked up, everything else is checked as usual."""
+    global _LATER
+    saved, _LATER = _LATER, tuple(os.path.abspath(f) for f in folders)
+    try:
+        yield
+    finally:
+        _LATER = saved
+
+
+def _later(path) -> bool:
+    """Whether `path` is inside a folder an earlier recipe stage will write (see `later`)."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    return any(path == f or path.startswith(f + os.sep) for f in _LATER)
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or os.path.exists(path) or path.count("/") != 1
 
@@ -543,6 +565,8 @@ def _check_top_level(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: unknown top-level key (known: {sorted(known)})")
     if type(cfg.get("seed")) is not int:
         raise ConfigError(f"seed: must be an integer, got {cfg.get('seed')!r}")
+    if type(cfg.get("overwrite", False)) is not bool:
+        raise ConfigError(f"overwrite: must be true or false, got {cfg.get('overwrite')!r}")
     for key in cfg.get("prompts") or {}:
         if key not in PROMPT_SETS:
             raise ConfigError(f"prompts.{key}: unknown prompt set (known: {list(PROMPT_SETS)})")
@@ -582,7 +606,7 @@ def _check_model_paths(key: str, node, names=MODEL_PATH_KEYS) -> None:
     """Pretrained weights named by a path (not a hub id 'org/name') must be an existing folder."""
     for name in names:
         value = node.get(name)
-        if isinstance(value, str) and _looks_local(value) and not os.path.isdir(os.path.expanduser(value)):
+        if isinstance(value, str) and _looks_local(value) and not _later(value) and not os.path.isdir(os.path.expanduser(value)):
             raise ConfigError(f"{key}.{name}: no such folder {value!r} (a hub id is 'org/name')")
 
 
@@ -603,7 +627,7 @@ def _check_rewards(cfg: DictConfig, backprop: bool) -> None:
         _check_model_paths(key, entry)
         if entry.get("head") is not None and not os.path.isfile(os.path.expanduser(entry.head)):
             raise ConfigError(f"{key}.head: no weights file {entry.head!r}")
-        if entry.get("path") is not None and not os.path.isdir(os.path.expanduser(entry.path)):
+        if entry.get("path") is not None and not _later(entry.path) and not os.path.isdir(os.path.expanduser(entry.path)):
             raise ConfigError(f"{key}.path: no such folder {entry.path!r}")
         if backprop and not getattr(cls, "differentiable", True):
             raise ConfigError(f"{key}: {entry._target_} is not differentiable; stage={cfg.stage.name} backpropagates "
@@ -642,6 +666,48 @@ def _check_text_to_video(cfg: DictConfig, ddim: bool) -> None:
                           f"this is a {'flow-matching' if flow else 'EDM (Euler-sampled)'} model ({scheduler})")
 
 
+def _component_configs(cfg: DictConfig) -> tuple[dict | None, dict | None, str] | None:
+    """(denoiser config, VAE config, where they come from) from the component configs or a local pretrained
+    folder (`<folder>/unet|transformer/config.json`, `<folder>/vae/config.json`); None when that needs a download."""
+    m = cfg.model
+    if not m.pretrained:
+        return (OmegaConf.to_container(m.denoiser, resolve=True) if m.denoiser is not None else None,
+                OmegaConf.to_container(m.vae, resolve=True) if m.vae is not None else None, "model")
+    folder = Path(os.path.expanduser(m.pretrained))
+    if not (folder / "model_index.json").is_file():
+        return None
+
+    def read(name: str) -> dict | None:
+        path = folder / name / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    denoiser = read("unet") or read("transformer")
+    return denoiser, read("vae"), f"model.pretrained ({m.pretrained})"
+
+
+def _check_resolution(cfg: DictConfig, resolutions: dict[str, int]) -> None:
+    """Each `{key: px}` must be a multiple of the pixels one denoiser token spans: the VAE's down-sampling
+    (2 per level of an AutoencoderKL) times the denoiser's patch size (FramesAsChannelsUNet, DiT, Wan)."""
+    found = _component_configs(cfg)
+    if found is None:
+        return
+    denoiser, vae, where = found
+    factor, why = 1, []
+    levels = len((vae or {}).get("block_out_channels") or [])
+    if levels > 1:
+        factor *= 2 ** (levels - 1)
+        why.append(f"the VAE down-samples {2 ** (levels - 1)}x")
+    patch = (denoiser or {}).get("patch_size")
+    if isinstance(patch, (list, tuple)):  # Wan: (frames, height, width)
+        patch = max(patch[1:])
+    if isinstance(patch, int) and patch > 1:
+        factor *= patch
+        why.append(f"the denoiser's patch_size is {patch}")
+    for key, px in resolutions.items():
+        if px % factor:
+            raise ConfigError(f"{key}: {px} px is not a multiple of {factor} ({' and '.join(why)}, in {where})")
+
+
 def _check_latent_cache(cfg: DictConfig, schema) -> None:
     """A latent cache as data.shards fixes frames, resolution and the caption embeddings; it is not a video source."""
     from .data.latent_cache import MANIFEST, read_manifest  # it imports this module
@@ -664,9 +730,22 @@ def _check_latent_cache(cfg: DictConfig, schema) -> None:
                                   f"latent cache holds {cache['frames']} frames at {cache['resolution']} px")
 
 
+def _check_literal_secrets(cfg: DictConfig) -> None:
+    """A secret-named key (`*token`, `*api_key`, `*secret`, `*password`, ...: lifecycle.secrets) must get its value
+    from the environment: a literal value is in the command line, which Hydra, the shell's history and wandb's run
+    metadata record as typed."""
+    from .secrets import secret_paths  # it imports Hydra's runtime config
+
+    for path, raw in secret_paths(OmegaConf.to_container(cfg, resolve=False)):
+        if raw and "${" not in raw:
+            raise ConfigError(f"{path}: a literal secret in the config; pass it from an environment variable: "
+                              f"{path}=${{oc.env:YOUR_VARIABLE}}")
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Typed, checked copy of `cfg`; raises ConfigError naming the first bad key."""
     cfg = cfg.copy()
+    _check_literal_secrets(cfg)
     _check_top_level(cfg)
     for section, schema in SECTION_SCHEMAS.items():
         cfg[section] = _typed(section, schema, cfg[section])
@@ -678,7 +757,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"{key}: missing value")
 
     pretrained = cfg.model.pretrained
-    if pretrained and _looks_local(pretrained) and not os.path.isdir(os.path.expanduser(pretrained)):
+    if pretrained and _looks_local(pretrained) and not _later(pretrained) and not os.path.isdir(os.path.expanduser(pretrained)):
         raise ConfigError(f"model.pretrained: no such folder {pretrained!r}")
     if not pretrained and cfg.model.denoiser is None:
         raise ConfigError("model.denoiser: set it, or model.pretrained")
@@ -687,7 +766,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"trainer.resume: no checkpoint at {resume!r} (use 'last' or a .ckpt path)")
     _choice("trainer.precision", cfg.trainer.precision, PRECISIONS)
     _choice("trainer.profiler", cfg.trainer.profiler, PROFILERS)
-    if not os.path.exists(cfg.data.shards) and cfg.data.generate is None:
+    if not os.path.exists(cfg.data.shards) and cfg.data.generate is None and not _later(cfg.data.shards):
         raise ConfigError(f"data.shards: {cfg.data.shards!r} does not exist (and data.generate is not set)")
     _choice("data.split", cfg.data.split, SPLITS)
     from .data.latent_cache import read_manifest  # it imports this module
@@ -751,7 +830,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     if schema is DPOStageSchema:
         st = cfg.stage
         pairs = os.path.expanduser(st.pairs)
-        if not os.path.isdir(pairs) or not any(f.endswith(".tar") for f in os.listdir(pairs)):
+        if not _later(pairs) and (not os.path.isdir(pairs) or not any(f.endswith(".tar") for f in os.listdir(pairs))):
             raise ConfigError(f"stage.pairs: no pair shards (*.tar) in {st.pairs!r}")
         if st.evaluation is not None:
             _check_prompts(cfg, "train", "test")
@@ -783,6 +862,12 @@ def validate(cfg: DictConfig) -> DictConfig:
         _check_text_to_video(cfg, ddim=schema is DDPOStageSchema)
     if schema in (DenoiseStageSchema, LatentCacheStageSchema):
         _check_latent_cache(cfg, schema)
+    if schema is DenoiseStageSchema:
+        _check_resolution(cfg, {f"stage.curriculum[{i}].resolution": p.resolution
+                                for i, p in enumerate(cfg.stage.curriculum)})
+    if schema in (VaderStageSchema, DPOStageSchema, DDPOStageSchema, LatentCacheStageSchema) or (
+            schema is PreferencesStageSchema and cfg.stage.source == "sampled"):
+        _check_resolution(cfg, {"stage.resolution": cfg.stage.resolution})
     if cfg.stage.get("export") == "adapter" and cfg.stage.get("lora") is None:
         raise ConfigError("stage.export: 'adapter' saves a LoRA adapter, but stage.lora is null (full fine-tuning); "
                           "use merge")
@@ -824,7 +909,7 @@ def _check_outputs(out: DictConfig) -> None:
 
 def _check_curate(cfg: DictConfig) -> None:
     st = cfg.stage
-    if not os.path.exists(st.input) and st.generate is None:
+    if not os.path.exists(st.input) and st.generate is None and not _later(st.input):
         raise ConfigError(f"stage.input: {st.input!r} does not exist (and stage.generate is not set)")
     if st.truth is not None and not os.path.exists(st.truth) and st.generate is None:
         raise ConfigError(f"stage.truth: no file {st.truth!r}")
@@ -915,7 +1000,8 @@ def _check_eval(cfg: DictConfig) -> None:
         raise ConfigError("stage.models: list the export folders (or run directories) to evaluate")
     for i, path in enumerate(cfg.stage.models):
         folder = os.path.expanduser(path)
-        if not any(os.path.isfile(os.path.join(f, "model_index.json")) for f in (folder, os.path.join(folder, "export"))):
+        if not _later(folder) and not any(os.path.isfile(os.path.join(f, "model_index.json"))
+                                          for f in (folder, os.path.join(folder, "export"))):
             raise ConfigError(f"stage.models[{i}]: no exported bundle in {path!r} (nor in its export/)")
     _check_prompts(cfg, "train", "test")
     if cfg.stage.condition != "synthetic" and not os.path.isdir(os.path.expanduser(cfg.stage.condition)):
@@ -994,7 +1080,7 @@ def _check_preferences(cfg: DictConfig) -> None:
 
 def _check_reward_model(cfg: DictConfig) -> None:
     st = cfg.stage
-    if not os.path.isfile(os.path.join(os.path.expanduser(st.pairs), "dataset.json")):
+    if not _later(st.pairs) and not os.path.isfile(os.path.join(os.path.expanduser(st.pairs), "dataset.json")):
         raise ConfigError(f"stage.pairs: {st.pairs!r} is not a preference-pair folder (no dataset.json)")
     _choice("stage.architecture", st.architecture, ("conv", "clip"))
     if st.architecture == "clip":

@@ -1,11 +1,14 @@
-"""A CSV logger that keeps a run's history across resumes."""
+"""A CSV logger that keeps a run's history across resumes, and a wandb logger whose run metadata holds no secret."""
 
 import csv
 import os
 
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from .secrets import masked_argv
 
 
 class _ResumingWriter(ExperimentWriter):
@@ -26,6 +29,18 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, except that the run starts with secrets masked in `sys.argv`, which wandb records
+    in the run's metadata (`wandb-metadata.json`, uploaded by `wandb sync`). No config is given to wandb."""
+
+    @property
+    def experiment(self):
+        if self._experiment is not None:
+            return super().experiment
+        with masked_argv():  # wandb.init reads it
+            return super().experiment
 
 
 def drop_rows_from(path: str | os.PathLike, step: int) -> None:

@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, validate
+from .config import ConfigError, later, validate
 from .outputs import configure as configure_outputs
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,42 @@ def _user_overrides() -> list[str]:
     return [o for o in task if not o.split("=", 1)[0].lstrip("+~").startswith(("recipe", "hydra."))]
 
 
+def _overrides(cfg: DictConfig, recipe: DictConfig, s: DictConfig, run_dir: Path, dirs: dict, model: str | None):
+    """What stage `s` composes: the recipe's overrides, the command line's, the stage's own, its run directory,
+    and the newest export so far as its model."""
+    overrides = [*recipe.get("overrides", []), *_user_overrides(), *(_fill(o, dirs) for o in s.overrides),
+                 f"run_dir={run_dir}", f"recipe={cfg.recipe}", "trainer.resume=last"]
+    return overrides + ([f"model.pretrained={model}"] if model is not None else [])
+
+
+def _export_of(run_dir: Path) -> str | None:
+    return str(run_dir / "export") if (run_dir / "export" / "model_index.json").is_file() else None
+
+
+def validate_all(cfg: DictConfig, recipe: DictConfig, root: Path) -> None:
+    """Compose and validate every stage not done yet, before the first one runs: a bad value in stage 3 stops the
+    recipe at start-up, not after stages 1 and 2 trained. What earlier stages will write (their run directories:
+    shards, pairs, exports) is not looked up yet; a stage whose model is an export still to come is checked
+    against the configured model, which is what that export will be built from."""
+    dirs, model, pending = {}, None, []
+    for s in recipe.stages:
+        run_dir = root / s.name
+        if not (run_dir / DONE).is_file():
+            pending.append(run_dir)
+            try:
+                with later(*pending):
+                    validate(compose("config", overrides=_overrides(cfg, recipe, s, run_dir, dirs, model)))
+            except ConfigError as e:
+                raise ConfigError(f"recipe stage {s.name}: {e}") from None
+        dirs[s.name] = run_dir
+        model = _export_of(run_dir) or (None if pending else model)
+
+
 def run_recipe(cfg: DictConfig) -> dict:
     """Run (or continue) every stage of `cfg.recipe` in order under `cfg.run_dir`."""
     recipe = load_recipe(cfg.recipe)
     root = Path(cfg.run_dir)
-    user = _user_overrides()
+    validate_all(cfg, recipe, root)
     dirs = {}
     model, results, start = None, {}, time.time()
     for s in recipe.stages:
@@ -84,11 +115,7 @@ def run_recipe(cfg: DictConfig) -> dict:
             results[s.name] = json.loads(done.read_text())
             log.info("recipe %s: stage %s already done, skipped", cfg.recipe, s.name)
         else:
-            overrides = [*recipe.get("overrides", []), *user, *(_fill(o, dirs) for o in s.overrides), f"run_dir={run_dir}",
-                         f"recipe={cfg.recipe}", "trainer.resume=last"]
-            if model is not None:
-                overrides.append(f"model.pretrained={model}")
-            stage_cfg = validate(compose("config", overrides=overrides))
+            stage_cfg = validate(compose("config", overrides=_overrides(cfg, recipe, s, run_dir, dirs, model)))
             log.info("recipe %s: stage %s in %s", cfg.recipe, s.name, run_dir)
             began = time.time()
             configure_outputs(stage_cfg)
@@ -99,8 +126,7 @@ def run_recipe(cfg: DictConfig) -> dict:
             tmp.write_text(json.dumps(results[s.name], indent=2, default=str))
             tmp.replace(done)
         dirs[s.name] = run_dir
-        if (run_dir / "export" / "model_index.json").is_file():
-            model = str(run_dir / "export")
+        model = _export_of(run_dir) or model
     summary = {"recipe": cfg.recipe, "seconds_this_run": round(time.time() - start, 1), "stages": results}
     (root / "recipe.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -6,12 +6,16 @@ credential(s), in any case (`pad_token_id`, `max_new_tokens` and TOKENIZERS_PARA
 `redact` replaces secrets in configs, `SecretFilter` masks them in log records, and `protect`
 applies both at start-up: to every log handler and to Hydra's records of the run (.hydra/*.yaml).
 Pass secrets by environment variable (`+model.token=${oc.env:MY_TOKEN}`): the interpolation, not
-the value, is what Hydra records.
+the value, is what Hydra records; a literal value for a secret-named key is refused at start-up
+(`lifecycle.config.validate`). `masked_argv` keeps secret values out of what libraries copy from the
+command line (wandb's run metadata records `sys.argv`).
 """
 
 import logging
 import os
 import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -31,7 +35,7 @@ def is_secret_name(name) -> bool:
     return bool(SECRET_NAME.search(str(name).rsplit(".", 1)[-1]))
 
 
-def _secret_paths(node, path: str = ""):
+def secret_paths(node, path: str = ""):
     """(dotted path, raw value) of every secret-named string in a plain container."""
     if isinstance(node, dict):
         for key, value in node.items():
@@ -39,10 +43,10 @@ def _secret_paths(node, path: str = ""):
             if is_secret_name(key) and isinstance(value, str):
                 yield sub, value
             else:
-                yield from _secret_paths(value, sub)
+                yield from secret_paths(value, sub)
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _secret_paths(value, f"{path}[{i}]")
+            yield from secret_paths(value, f"{path}[{i}]")
 
 
 def secret_values(cfg: DictConfig | None = None, environ=os.environ) -> set[str]:
@@ -50,7 +54,7 @@ def secret_values(cfg: DictConfig | None = None, environ=os.environ) -> set[str]
     (interpolations such as `${oc.env:MY_TOKEN}` resolved)."""
     values = {v for k, v in environ.items() if is_secret_name(k)}
     if cfg is not None:
-        for path, raw in _secret_paths(OmegaConf.to_container(cfg, resolve=False)):
+        for path, raw in secret_paths(OmegaConf.to_container(cfg, resolve=False)):
             value = OmegaConf.select(cfg, path, throw_on_resolution_failure=False) if "${" in raw else raw
             if isinstance(value, str):
                 values.add(value)
@@ -125,6 +129,18 @@ def hydra_records() -> list[Path]:
     if hc.mode == RunMode.MULTIRUN:
         files.append(Path(hc.sweep.dir) / "multirun.yaml")
     return [f for f in files if f.is_file()]
+
+
+@contextmanager
+def masked_argv(values=()):
+    """`sys.argv` with secret-named overrides and the process's secret values (environment, `values`) masked,
+    for the duration of the block (a launcher re-running the command line still finds it as typed)."""
+    argv = sys.argv
+    sys.argv = [mask(a, secret_values() | set(values)) for a in argv]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def protect(cfg: DictConfig) -> set[str]:

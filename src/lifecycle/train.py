@@ -12,13 +12,12 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.ema import EMA
 from .callbacks.validation import Validation, best_checkpoint
-from .checkpointing import AtomicCheckpointIO
+from .checkpointing import AtomicCheckpointIO, newest_checkpoint, read_checkpoint, remove_hpc_checkpoints
 from .config import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
@@ -30,7 +29,10 @@ from .models import build_bundle
 from .models.lora import add_lora, has_lora, merge_lora
 from .models.lora_formats import write_formats
 from .models.memory import enable_gradient_checkpointing
+from .resume import RunConfig
+from .rundir import swap_in
 from .secrets import redact, secret_values
+from .signals import StopOnSignal
 from .stages.denoise import DenoiseStage
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list, max_steps: in
         every_n_train_steps=every, save_top_k=1, save_last=True,
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    return L.Trainer(default_root_dir=run_dir, callbacks=[checkpoint, *callbacks], logger=loggers or False,
+    stop = StopOnSignal(run_dir / "checkpoints" / "last.ckpt")  # last: after the callbacks that update state
+    callbacks = [checkpoint, RunConfig(cfg), *callbacks, stop]
+    return L.Trainer(default_root_dir=run_dir, callbacks=callbacks, logger=loggers or False,
                      plugins=[AtomicCheckpointIO()], **tcfg)
 
 
@@ -107,24 +111,45 @@ def trainable_bundle(model: DictConfig, lora: DictConfig | None):
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path, trainer: L.Trainer) -> str | None:
-    """`trainer.resume` for Lightning. Metrics rows logged past that checkpoint are dropped (the resumed run logs
-    them again), all of them when there is no checkpoint to resume (an attempt killed before its first one).
+    """The checkpoint `trainer.resume` names, for Lightning: `last` is the run directory's newest valid
+    checkpoint of any kind (`last.ckpt`, step checkpoints, SLURM's `hpc_ckpt_<n>.ckpt`; none: a fresh start).
+    Metrics rows logged past that checkpoint are dropped (the resumed run logs them again), all of them when
+    there is no checkpoint to resume (an attempt killed before its first one). Requeue checkpoints other than
+    the one resumed are older or torn, and removed.
 
     A sharded checkpoint (a folder, from `trainer=fsdp`) resumes only under `trainer=fsdp`, on any number of ranks.
     """
-    ckpt_path = cfg.trainer.resume
-    resolved = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path or "")
-    step = 0
-    if ckpt_path and resolved.exists():
+    resume, resolved = cfg.trainer.resume, None
+    try:
+        if resume == "last":
+            resolved = (newest_checkpoint(run_dir) or (None,))[0]
+        elif resume:
+            resolved = Path(resume)
+        ckpt = read_checkpoint(resolved) if resolved is not None else {}
+    except ValueError as e:
+        raise ConfigError(f"trainer.resume: {e}") from None
+    step = ckpt.get("global_step", 0)
+    if resolved is not None:
         sharded = _is_sharded_checkpoint(resolved)  # a folder with Lightning's meta.pt
         if sharded != isinstance(trainer.strategy, FSDP2Strategy):
             raise ConfigError(f"trainer.resume: {resolved} is a {'sharded' if sharded else 'single-file'} checkpoint; "
                               f"resume it with {'trainer=fsdp' if sharded else 'a non-FSDP trainer'}")
-        meta = resolved / _METADATA_FILENAME if sharded else resolved
-        step = torch.load(meta, map_location="cpu", mmap=not sharded, weights_only=True)["global_step"]
+        run_config = next(c for c in trainer.callbacks if isinstance(c, RunConfig))
+        run_config.check(ckpt.get("callbacks", {}).get(run_config.state_key, {}).get("config"), resolved, step)
+        log.info("resuming from %s (step %d)", resolved, step)
     if trainer.is_global_zero:
         drop_rows_from(run_dir / "metrics.csv", step)
-    return ckpt_path
+        if resume == "last":
+            remove_hpc_checkpoints(run_dir, keep=resolved)
+    return None if resolved is None else str(resolved)
+
+
+def save_last(trainer: L.Trainer, run_dir: Path) -> None:
+    """The final step's full checkpoint `checkpoints/last.ckpt`, for resume and export; SLURM requeue checkpoints
+    are older from then on."""
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if trainer.is_global_zero:
+        remove_hpc_checkpoints(run_dir)
 
 
 def lineage(cfg: DictConfig, run_dir: Path, step: int, data, **extra) -> dict:
@@ -135,8 +160,15 @@ def lineage(cfg: DictConfig, run_dir: Path, step: int, data, **extra) -> dict:
     return redact(made, secret_values(cfg))
 
 
+def with_resumes(lineage: dict, trainer: L.Trainer) -> dict:
+    """`lineage` plus what each resume of the run changed, at which step (`resumed`): the values that actually ran."""
+    resumed = next(c for c in trainer.callbacks if isinstance(c, RunConfig)).history
+    return {**lineage, "resumed": resumed} if resumed else lineage
+
+
 def export(bundle, path: Path, lineage: dict, lora: str = "merge", lora_formats: list[str] = ()) -> None:
-    """Write the bundle folder next to `path` and swap it in, so `path` is never half-written.
+    """Write the bundle folder next to `path` and swap it in, so `path` is never half-written and an old export
+    stays until the new one is complete (`lifecycle.rundir.swap_in`).
 
     A LoRA denoiser is exported merged, or as base weights plus an adapter folder (`lora="adapter"`); with
     `lora_formats` its LoRA is also written in those layouts to `lora_formats/` (models/lora_formats.py).
@@ -146,14 +178,14 @@ def export(bundle, path: Path, lineage: dict, lora: str = "merge", lora_formats:
     bundle.save_pretrained(staging, lineage=lineage, lora=lora)
     if lora_formats:
         write_formats(bundle.denoiser, staging / "lora_formats", list(lora_formats))
-    shutil.rmtree(path, ignore_errors=True)
-    staging.rename(path)
+    swap_in(staging, path)
 
 
 def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dict, lora: str = "merge",
                    lora_formats: list[str] = ()) -> None:
     """`export` on rank 0 after training; a sharded (`trainer=fsdp`) bundle is first gathered into `rebuild()`,
     an unsharded bundle of the same structure, so every rank must call this."""
+    lineage = with_resumes(lineage, trainer)
     if isinstance(trainer.strategy, FSDP2Strategy):
         bundle = gather_bundle(bundle, rebuild)
     if trainer.is_global_zero:
@@ -207,8 +239,7 @@ def fit(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, run_dir, [c for c in (ema, validation, throughput, best) if c is not None], max_steps)
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    # the final step (full state), for resume and export
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    save_last(trainer, run_dir)
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1),
               **validation.results.get("final", {})}
     if best is not None and best.best_model_path:

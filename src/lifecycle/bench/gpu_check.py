@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -292,6 +293,8 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("smoke", "fsdp-straight", "fsdp-killed", "real"):  # run directories of an earlier check
+        shutil.rmtree(out / name, ignore_errors=True)
     start = time.time()
     budget_end = start + args.budget
     env = {"device": torch.cuda.get_device_name() if not args.dry_run else "cpu", "torch": torch.__version__,

@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError
+from ..signals import worker_signals
 from .curriculum import Curriculum
 from .select import Selection
 from .shards import CurriculumStream, list_shards
@@ -53,7 +54,8 @@ class ShardDataModule(L.LightningDataModule):
             balance=self.balance, caption_key=self.caption_key, decoded_cache_mb=self.decoded_cache_mb,
             max_bad_in_a_row=self.max_bad_in_a_row, max_bad_share=self.max_bad_share,
         )
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                          worker_init_fn=worker_signals)
 
 
 def write(cfg) -> dict:

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from ..signals import worker_signals
 from .curriculum import Curriculum, Phase
 from .shards import CurriculumStream, list_shards, resize_clip
 
@@ -249,7 +250,8 @@ class PairDataModule(L.LightningDataModule):
         stream = PairStream(self.urls, self.batch_size, self.frames, self.resolution, seed=self.seed,
                             start_batch=trainer.lightning_module.batches_seen, shuffle_buffer=self.shuffle_buffer,
                             rank=trainer.global_rank, world_size=trainer.world_size, val_fraction=self.val_fraction)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                          worker_init_fn=worker_signals)
 
 
 # -- Pick-a-Pic ------------------------------------------------------------------------------------

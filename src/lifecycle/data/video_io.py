@@ -104,11 +104,24 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ValueError(f"cannot decode image ({len(data)} bytes): {error}") from error
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: a race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration):  # not Linux (or a kernel before 4.7)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling file, then rename it onto ``path``."""
+    """Write ``data`` to a temporary sibling file, then rename it onto ``path``. The file gets the mode an
+    ordinary write would (0666 less the umask), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         os.replace(temporary, path)

@@ -46,7 +46,7 @@ from ..models import ModelBundle, build_bundle
 from ..models.memory import enable_gradient_checkpointing
 from ..rewards.base import Reward, build_reward
 from ..train import (build_trainer, export_trained, for_evaluation, lineage, make_trainable, resume_checkpoint,
-                     trainable_bundle)
+                     save_last, trainable_bundle)
 from .optim import adamw_with_schedule, check_trainable, keep_trainable, log_step
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = build_trainer(trainer_cfg, run_dir, curve, s.epochs * per_epoch)
     start = time.time()
     trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    save_last(trainer, run_dir)
     fit_seconds = round(time.time() - start, 1)
 
     for_evaluation(cfg, bundle, reward, trainer=trainer)

@@ -35,7 +35,7 @@ from ..models import ModelBundle, build_bundle
 from ..models.lora import has_lora
 from ..rewards.base import build_reward
 from ..train import (build_trainer, export_trained, for_evaluation, lineage, make_trainable, resume_checkpoint,
-                     trainable_bundle)
+                     save_last, trainable_bundle)
 from .guard import LossGuard
 from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable, log_step
 
@@ -221,7 +221,7 @@ def run(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg, run_dir, curve, s.steps)
     start = time.time()
     trainer.fit(module, datamodule=pairs, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    save_last(trainer, run_dir)
     result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1)}
 
     if s.evaluation is not None:

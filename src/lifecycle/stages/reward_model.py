@@ -21,7 +21,8 @@ from ..config import ConfigError
 from ..data.preferences import PairDataModule, pair_batches, read_manifest
 from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
 from ..rewards.learned import LearnedReward
-from ..train import build_trainer, lineage, resume_checkpoint
+from ..rundir import swap_in
+from ..train import build_trainer, lineage, resume_checkpoint, save_last, with_resumes
 from .optim import adamw_with_schedule, log_step
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,13 @@ def run(cfg: DictConfig) -> dict:
         return pair_accuracy(reward, batches, device)
 
     ckpt_path = resume_checkpoint(cfg, run_dir, trainer)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    resuming = ckpt_path not in (None, "last") or (ckpt_path == "last" and last.is_file())
+    resuming = ckpt_path is not None
     before = evaluate()
     if not resuming:  # a resumed run's metrics.csv already has this row
         _log(trainer, {"val/accuracy": before["accuracy"], "val/loss": before["loss"]}, step=0)
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    save_last(trainer, run_dir)
     fit_seconds = round(time.time() - start, 1)
     after = evaluate()
     _log(trainer, {"val/accuracy": after["accuracy"], "val/loss": after["loss"]}, step=trainer.global_step)
@@ -150,13 +150,12 @@ def run(cfg: DictConfig) -> dict:
         (run_dir / "report").mkdir(parents=True, exist_ok=True)
         (run_dir / "report" / "accuracy.json").write_text(json.dumps(report, indent=2))
         # its parent is the pairs it learned from (not the model that sampled them)
-        made = lineage(cfg, run_dir, trainer.global_step, s.pairs, parent=s.pairs, accuracy=after)
+        made = with_resumes(lineage(cfg, run_dir, trainer.global_step, s.pairs, parent=s.pairs, accuracy=after), trainer)
         export = run_dir / "export"
         staging = export.with_name(f".{export.name}.tmp")  # swapped in whole, so the export is never half-written
         shutil.rmtree(staging, ignore_errors=True)
         reward.save_pretrained(staging, made)
-        shutil.rmtree(export, ignore_errors=True)
-        staging.rename(export)
+        swap_in(staging, export)
         log.info("held-out pair accuracy %.3f -> %.3f (%d pairs); exported %s",
                  before["accuracy"], after["accuracy"], after["pairs"], export)
     return result
