@@ -2,7 +2,8 @@
 # make test: set up .venv, run the test suite and the smoke recipe (every stage for a few steps).
 # make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
 # make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
-# make faults: the fault-injection tests (kills, torn and failed checkpoint writes, NaN/Inf, corrupt data, recipe resume).
+# make faults: the fault-injection tests (kills, SIGTERM/SIGINT, SLURM requeue, torn and failed checkpoint writes,
+# NaN/Inf, corrupt data, recipe resume, run-directory ownership, resume with a changed config).
 # make distributed: every training stage under DDP and FSDP on two CPU processes, LoRA and full fine-tuning.
 # make sweep: VADER K x learning rate from the demo's pre-trained model (Hydra multirun), one table of the jobs.
 # make recaption-report: pre-train on the demo's curated clips with raw captions vs recaptions; held-out fidelity.
