@@ -77,7 +77,10 @@ def test_dry_run_runs_every_section_and_reports(tmp_path):
     assert list(sections) == ["smoke", "fsdp", "real", "bench"]
     assert [r["stage"] for r in sections["smoke"]["stages"]] == ["pretrain"]
     fsdp = sections["fsdp"]  # killed after the step-10 checkpoint, resumed: the same curve, exactly, on the CPU
-    assert fsdp["steps_after_resume"] and fsdp["steps"] == 20 and fsdp["max_relative_loss_difference"] == 0.0
+    assert fsdp["steps"] == 20 and fsdp["max_relative_loss_difference"] == 0.0
+    # every step from the step-10 checkpoint on was logged again; the row of the step that ended as the checkpoint
+    # was written (9) can be lost with the process (the CSV logger flushes at checkpoints, not after every row)
+    assert set(fsdp["steps_missing_from_the_resumed_log"]) <= {9}
     assert fsdp["last_step_logged_before_the_kill"] < 19
     assert "__0_0.distcp" in fsdp["checkpoint_files"]
     rows = {r["recipe"]: r for r in sections["real"]["rows"]}

@@ -137,7 +137,8 @@ def fsdp(out: Path, dry: bool) -> dict:
     diffs = [abs(b[s] - a[s]) / max(abs(a[s]), 1e-12) for s in a if s in b]
     files = sorted(p.name for p in (killed / "checkpoints" / "last.ckpt").iterdir())
     return {"devices": torch.cuda.device_count() if not dry else 1, "steps": len(a),
-            "last_step_logged_before_the_kill": max(partial, default=None), "steps_after_resume": sorted(b) == sorted(a),
+            "last_step_logged_before_the_kill": max(partial, default=None),
+            "steps_missing_from_the_resumed_log": sorted(set(a) - set(b)),
             "max_relative_loss_difference": max(diffs), "final_loss": [a[max(a)], b[max(b)]],
             "checkpoint_files": files}
 
