@@ -61,7 +61,8 @@ def test_stage_device_is_the_trainers_or_this_ranks_gpu(monkeypatch):
     assert stage_device(cfg, Trainer()) == torch.device("cuda", 1)
 
 
-def test_dry_run_runs_every_section_and_reports(tmp_path):
+def dry_run(tmp_path, section: str) -> tuple[dict, str]:
+    """`gpu_check --dry-run --sections <section>`: that section's report entry and the markdown report."""
     recipe = tmp_path / "one_stage.yaml"  # the smoke section's wiring on one short stage (make smoke runs them all)
     recipe.write_text(json.dumps({"stages": [{"name": "pretrain", "overrides": [
         "stage=pretrain", "model.text_encoder.config.num_hidden_layers=1",
@@ -70,29 +71,44 @@ def test_dry_run_runs_every_section_and_reports(tmp_path):
         "data.generate.num_clips=32", "data.generate.clips_per_shard=16"]}]}))
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "lifecycle.bench.gpu_check", "--dry-run", "--out", str(out),
-                           "--smoke-recipe", str(recipe)], capture_output=True, text=True, timeout=900)
+                           "--smoke-recipe", str(recipe), "--sections", section], capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu-check.json").read_text())
-    sections = report["sections"]
-    assert list(sections) == ["smoke", "fsdp", "real", "bench"]
-    assert [r["stage"] for r in sections["smoke"]["stages"]] == ["pretrain"]
-    fsdp = sections["fsdp"]  # killed after the step-10 checkpoint, resumed: the same curve, exactly, on the CPU
+    assert list(report["sections"]) == [section]
+    return report["sections"][section], (out / "gpu-check.md").read_text()
+
+
+def test_dry_run_smoke(tmp_path):
+    sec, text = dry_run(tmp_path, "smoke")
+    assert [r["stage"] for r in sec["stages"]] == ["pretrain"] and "| pretrain |" in text
+
+
+def test_dry_run_fsdp_kill_and_resume(tmp_path):
+    fsdp, text = dry_run(tmp_path, "fsdp")  # killed after the step-10 checkpoint, resumed: the same curve, exactly
     assert fsdp["steps"] == 20 and fsdp["max_relative_loss_difference"] == 0.0
     # every step from the step-10 checkpoint on was logged again; the row of the step that ended as the checkpoint
     # was written (9) can be lost with the process (the CSV logger flushes at checkpoints, not after every row)
     assert set(fsdp["steps_missing_from_the_resumed_log"]) <= {9}
     assert fsdp["last_step_logged_before_the_kill"] < 19
-    assert "__0_0.distcp" in fsdp["checkpoint_files"]
-    rows = {r["recipe"]: r for r in sections["real"]["rows"]}
+    assert "__0_0.distcp" in fsdp["checkpoint_files"] and "## fsdp" in text
+
+
+def test_dry_run_real_recipes(tmp_path):
+    sec, text = dry_run(tmp_path, "real")
+    rows = {r["recipe"]: r for r in sec["rows"]}
     assert set(rows) == set(REAL)
     for name, row in rows.items():
         assert "error" not in row and row["seconds_per_step"] > 0 and row["optimizer_steps"] >= 2, name
     assert rows["modelscope_vader"]["keys"]["decode_frames"] == 2  # the recipe's memory keys reached the stage
     assert rows["modelscope_vader"]["keys"]["memory.frozen_dtype"] == "bf16"
     assert rows["svd_vader_long"]["keys"]["memory.offload_activations"] is True
-    assert [r["loop"] for r in sections["bench"]["rows"]] == ["plain", "lifecycle"]
-    text = (out / "gpu-check.md").read_text()
-    assert "| modelscope_vader | vader | 4 x 32 |" in text and "## fsdp" in text
+    assert "| modelscope_vader | vader | 4 x 32 |" in text
+
+
+def test_dry_run_bench(tmp_path):
+    sec, text = dry_run(tmp_path, "bench")
+    assert [r["loop"] for r in sec["rows"]] == ["plain", "lifecycle"] and "speed ratio" in text
 
 
 def test_hub_kernels_are_off_unless_asked_for():

@@ -257,14 +257,15 @@ def test_wandb_run_metadata_holds_no_secret(tmp_path, synthetic_shards, monkeypa
     """wandb records the command line in its run metadata, which `wandb sync` uploads."""
     from lifecycle.train import fit
 
+    import wandb
+
+    wandb.init(mode="offline", dir=str(tmp_path / "earlier"))  # a run left open, as an earlier stage's is
     monkeypatch.setenv("HF_TOKEN", ENV_SECRET)
     monkeypatch.setattr(sys, "argv", ["lifecycle", "logger=wandb", f"data.shards=/data/{ENV_SECRET}"])
     fit(compose_cfg(tmp_path, "logger=wandb", "trainer.max_steps=1", "data.num_workers=0", "stage.validation.num_steps=1",
                     "stage.validation.prompts.n=1", "stage.validation.best=null", "stage.validation.metrics=false",
                     "trainer.enable_progress_bar=false",
                     "stage.curriculum=[{name:a,resolution:16,frames:8,batch_size:2,steps:1}]", shards=synthetic_shards))
-    import wandb
-
     wandb.finish()  # flushes the run's records
     records = list((tmp_path / "wandb").rglob("run-*.wandb"))  # offline: the metadata is a record in this file
     assert len(records) == 1 and f"data.shards=/data/{MARKER}".encode() in records[0].read_bytes()

@@ -33,12 +33,17 @@ class CSVLogger(LightningCSVLogger):
 
 class WandbLogger(LightningWandbLogger):
     """Lightning's WandbLogger, except that the run starts with secrets masked in `sys.argv`, which wandb records
-    in the run's metadata (`wandb-metadata.json`, uploaded by `wandb sync`). No config is given to wandb."""
+    in the run's metadata (`wandb-metadata.json`, uploaded by `wandb sync`), and that each stage gets a run of its
+    own. No config is given to wandb."""
 
     @property
     def experiment(self):
         if self._experiment is not None:
             return super().experiment
+        import wandb
+
+        if wandb.run is not None:  # an earlier stage's run (Lightning never finishes it): Lightning would log into it
+            wandb.finish()
         with masked_argv():  # wandb.init reads it
             return super().experiment
 
