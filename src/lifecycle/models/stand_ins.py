@@ -17,11 +17,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import CLIPConfig, CLIPModel, VJEPA2Config, VJEPA2Model
 
+from ..config import CONF_DIR
 from ..data.prompts import vocabulary
 from .bundle import ModelBundle
 from .text import word_tokenizer
 
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 _TEXT = ["model.text_encoder.config.hidden_size=32", "model.text_encoder.config.intermediate_size=64",
          "model.text_encoder.config.num_hidden_layers=1", "model.text_encoder.config.num_attention_heads=2",
          "model.text_encoder.config.projection_dim=32"]
