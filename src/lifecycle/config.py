@@ -1046,7 +1046,7 @@ def _check_lora_formats(cfg: DictConfig) -> None:
     denoiser = (cfg.model.get("denoiser") or {}).get("_target_", "")
     index = os.path.join(os.path.expanduser(str(cfg.model.get("pretrained") or "")), "model_index.json")
     if cfg.model.get("pretrained") and os.path.isfile(index):
-        spec = json.loads(open(index).read())
+        spec = json.loads(Path(index).read_text())
         denoiser = " ".join(str(spec.get(part)) for part in ("unet", "transformer") if spec.get(part))
     elif cfg.model.get("pretrained"):
         return  # a hub id: checked when the export is written

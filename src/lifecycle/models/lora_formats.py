@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from .lora import ADAPTER_NAME, lora_state_dict
+from .lora import ADAPTER_NAME
 
 FORMATS = ("kohya", "comfyui")
 # diffusers' Wan module paths -> the original Wan names (the inverse of diffusers' Wan LoRA conversion)
@@ -54,17 +55,9 @@ def wan_name(module: str) -> str | None:
 
 
 def trained_layers(denoiser: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{module path: (lora_A weight, lora_B weight, alpha)} of the denoiser's LoRA."""
-    state = lora_state_dict(denoiser)
-    config = denoiser.peft_config[ADAPTER_NAME]
-    layers = {}
-    for key in state:
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            suffix = module.rsplit(".", 1)[-1]
-            alpha = config.alpha_pattern.get(suffix, config.lora_alpha)
-            layers[module] = (state[key], state[f"{module}.lora_B.weight"], float(alpha))
-    return layers
+    """{module path: (lora_A weight, lora_B weight, alpha)}, read from each peft LoRA layer itself."""
+    return {name: (m.lora_A[ADAPTER_NAME].weight, m.lora_B[ADAPTER_NAME].weight, float(m.lora_alpha[ADAPTER_NAME]))
+            for name, m in denoiser.named_modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A}
 
 
 def convert(denoiser: nn.Module, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -19,6 +19,7 @@ from transformers import CLIPConfig, CLIPModel, VJEPA2Config, VJEPA2Model
 
 from ..config import CONF_DIR
 from ..data.prompts import vocabulary
+from . import build_bundle
 from .bundle import ModelBundle
 from .text import word_tokenizer
 
@@ -57,8 +58,6 @@ def model_config(name: str, *overrides: str, miniature: bool = False):
 def model_folder(name: str, out: Path, *overrides: str, miniature: bool = True, seed: int = 0) -> Path:
     """Build `name` with random weights (seeded) and save it as a hub folder (model_index.json, unet/ or
     transformer/, vae/, text_encoder/ or image_encoder/, tokenizer/, scheduler/) at `out`."""
-    from . import build_bundle  # the package imports this module's siblings; build_bundle lives in its __init__
-
     torch.manual_seed(seed)
     bundle: ModelBundle = build_bundle(model_config(name, *overrides, miniature=miniature))
     return bundle.save_pretrained(out)
