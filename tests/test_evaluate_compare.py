@@ -10,7 +10,7 @@ import pytest
 from lifecycle import outputs
 from lifecycle.bench import compare
 from lifecycle.config import ConfigError
-from lifecycle.metrics.report import read_gif
+from lifecycle.data.video_io import decode_video
 
 from .helpers import compose_cfg
 
@@ -51,7 +51,7 @@ def test_evaluate_scores_each_export_on_the_same_noise(tmp_path):
     assert f"| {table['b']['test']['fid']:.3f} |" in test_rows[1]
     assert "No training logs found for a, b, a_copy" in report
     assert "<table>" in (out / "report" / "report.html").read_text()
-    grid = read_gif(out / "report" / "grid_test.gif")  # 3 models x 2 prompts of 128 px cells, 8 frames
+    grid = decode_video((out / "report" / "grid_test.gif").read_bytes())  # 3 models x 2 prompts, 128 px cells, 8 frames
     assert grid.shape[0] == 8 and grid.shape[1] > 3 * 128 and grid.shape[2] > 2 * 128
     assert (out / "samples" / "b" / "test" / "001.mp4").stat().st_size > 0
     provenance = json.loads((out / "samples" / "b" / "test" / "provenance.json").read_text())
@@ -155,4 +155,4 @@ def test_eval_takes_image_and_image_to_video_exports(tmp_path, model, frames):
     assert math.isnan(result["train"]["fid"]) == (frames == 1)  # one prompt of one frame: no FID
     if frames == 1:  # a still: nothing changes between frames
         assert test["temporal_consistency"] == 1.0 and test["motion"] == 0.0
-    assert read_gif(tmp_path / "eval" / "report" / "grid_test.gif").shape[0] == frames
+    assert decode_video((tmp_path / "eval" / "report" / "grid_test.gif").read_bytes()).shape[0] == frames

@@ -134,6 +134,17 @@ def test_switched_off_layers(tmp_path, samples):
     assert not (tmp_path / "s" / "provenance.json").exists()
 
 
+@pytest.mark.parametrize("previews, gifs", [(1, ["000.gif"]), (0, []), ("null", ["000.gif", "001.gif"])])
+def test_gif_previews_of_the_first_samples_only(tmp_path, samples, previews, gifs):
+    outputs.configure(compose_cfg(tmp_path, f"outputs.gif_previews={previews}"))
+    write_samples(tmp_path / "s", *samples, {})
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.gif")) == gifs
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.mp4")) == ["000.mp4", "001.mp4"]  # every sample
+    record = json.loads((tmp_path / "s" / "provenance.json").read_text())
+    assert sorted(f for s in record["samples"] for f in s["files"] if f.endswith(".gif")) == gifs
+    assert set(record["watermark"]["bit_accuracy"]) == {"000.mp4", "001.mp4", "filmstrip.png", *gifs}  # all checked
+
+
 def test_filter_blocks_replaces_and_counts(tmp_path, samples, unsafe_model, caplog, one_thread):
     cfg = compose_cfg(tmp_path, "outputs/filter=classifier", f"outputs.filter.model={unsafe_model}")
     policy = outputs.configure(cfg)
@@ -168,6 +179,7 @@ def test_filter_blocks_replaces_and_counts(tmp_path, samples, unsafe_model, capl
     ("outputs.watermark.method=rivaGan", "outputs.watermark.method"),
     ("outputs.watermark.min_size=128", "outputs.watermark.min_size"),
     ("outputs.watermark.enabled=sometimes", "outputs.watermark.enabled"),
+    ("outputs.gif_previews=-1", "outputs.gif_previews: must be >= 0"),
     ("+outputs.watermark.strength=2", "outputs.watermark.strength"),
     ("outputs/filter=classifier", "outputs.filter.model: missing value"),
     ("+outputs.filter={model:x}", "outputs.filter._target_: missing"),

@@ -125,9 +125,26 @@ def test_guard_skip_drops_the_bad_step_and_finishes(tmp_path, synthetic_shards, 
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
 
 
-def test_validation_logs_scores_every_n_steps_and_keeps_the_best_checkpoint(tmp_path, synthetic_shards):
+def test_validation_logs_scores_every_n_steps_and_keeps_the_best_checkpoint(tmp_path, synthetic_shards, monkeypatch):
+    sampled = []  # (arguments, videos) of each validation's sampling
+    generate = ModelBundle.generate
+
+    def recording(self, *args, **kwargs):
+        videos = generate(self, *args, **kwargs)
+        sampled.append((args, kwargs, videos))
+        return videos
+
+    monkeypatch.setattr(ModelBundle, "generate", recording)
     result = fit(compose_cfg(tmp_path, *SHORT, "stage.validation.every_n_steps=2", "stage.validation.best=val/fid",
                              "stage.validation.prompts.n=4", "metrics.reference.n=16", shards=synthetic_shards))
+    # the end of training (step 8, validated already) is not sampled again: samples/final is step 8's ...
+    assert len(sampled) == 4
+    assert (tmp_path / "samples" / "final" / "fidelity.json").read_text() == (
+        tmp_path / "samples" / "step000008" / "fidelity.json").read_text()
+    # ... which were the final EMA weights, those exported (EMA updated before the step's validation)
+    args, kwargs, videos = sampled[-1]
+    monkeypatch.setattr(ModelBundle, "generate", generate)
+    assert torch.equal(ModelBundle.from_pretrained(str(tmp_path / "export")).generate(*args, **kwargs), videos)
     fid = {int(r["step"]): float(r["val/fid"]) for r in rows(tmp_path) if r.get("val/fid")}
     assert sorted(fid) == [2, 4, 6, 8]  # each validated step once (the end, at step 8, is not logged twice)
     assert all(r.get("val/kid") and r.get("val/colour_accuracy") for r in rows(tmp_path) if r.get("val/fid"))

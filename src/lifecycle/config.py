@@ -489,6 +489,7 @@ class OutputsSchema:
     filter: Any = None  # outputs/filter=classifier (lifecycle.curation.safety.SafetyFilter), or null
     watermark: WatermarkSchema = field(default_factory=WatermarkSchema)
     provenance: bool = True  # provenance.json beside exported samples, and a copy in each file
+    gif_previews: Optional[int] = 8  # an mp4 per sample; a GIF of the first n of each set too (null: all)
 
 
 STAGE_SCHEMAS = {"pretrain": DenoiseStageSchema, "sft": DenoiseStageSchema, "vader": VaderStageSchema,
@@ -902,6 +903,8 @@ def _check_outputs(out: DictConfig) -> None:
     if mark.min_size < MIN_SIZE:
         raise ConfigError(f"outputs.watermark.min_size: must be >= {MIN_SIZE} (imwatermark needs 256x256 pixels), "
                           f"got {mark.min_size}")
+    if out.gif_previews is not None and out.gif_previews < 0:
+        raise ConfigError(f"outputs.gif_previews: must be >= 0 (null: a GIF of every sample), got {out.gif_previews}")
     if out.filter is not None:
         _target("outputs.filter", out.filter)
         _check_model_paths("outputs.filter", out.filter, ("model",))

@@ -1,5 +1,6 @@
 """Validation during training: fixed prompts and seeds sampled every n steps, written, scored and logged."""
 
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,7 +20,7 @@ class Validation(L.Callback):
     synthetic-world captions (`oracle`), and `quality` (a `metrics.quality.VideoQuality`: FID, KID, CLIP score,
     temporal consistency, motion) when given.
 
-    Writes `samples/<tag>/` (`write_samples`: mp4 + gif per prompt, filmstrip, `fidelity.json` with the scores) and
+    Writes `samples/<tag>/` (`write_samples`: an mp4 per prompt, GIF previews, filmstrip, `fidelity.json`) and
     logs the scores as `val/<name>` and the first 8 videos, as written, to wandb or TensorBoard. The scores of a
     step also enter `trainer.callback_metrics`, where `best_checkpoint`'s ModelCheckpoint finds its monitor.
     """
@@ -42,11 +43,19 @@ class Validation(L.Callback):
                                on_epoch=False, logger=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.run(trainer, pl_module, "final", log=f"step{trainer.global_step:06d}" not in self.results)
+        last = f"step{trainer.global_step:06d}"
+        if last not in self.results:
+            self.run(trainer, pl_module, "final")
+            return
+        # the last step was validated with these very weights (EMA updates before this callback: it comes first
+        # in the trainer's list): `final` is a copy of it, not a second sampling
+        if trainer.is_global_zero:
+            shutil.copytree(self.out_dir / last, self.out_dir / "final", dirs_exist_ok=True)
+        self.results["final"] = self.results[last]
 
     @torch.no_grad()
-    def run(self, trainer, pl_module, tag: str, log: bool = True) -> dict:
-        """Sample, score and write `samples/<tag>/`; `log`: send to the loggers (not a step validated already)."""
+    def run(self, trainer, pl_module, tag: str) -> dict:
+        """Sample, score and write `samples/<tag>/`, and send the scores and videos to the loggers."""
         ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
         was_training = pl_module.training
         pl_module.eval()
@@ -63,8 +72,7 @@ class Validation(L.Callback):
             result.update(self.quality(videos, self.prompts))
         if trainer.is_global_zero:
             write_samples(self.out_dir / tag, videos, self.prompts, result, self.fps)
-            if log:
-                self._log(trainer, tag, len(videos), result)
+            self._log(trainer, tag, len(videos), result)
         self.results[tag] = result
         return result
 
@@ -73,6 +81,7 @@ class Validation(L.Callback):
         step = trainer.global_step
         metrics = {f"val/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float)) and k != "step"}
         files = [self.out_dir / tag / f"{i:03d}" for i in range(min(count, 8))]
+        gifs = [f.with_suffix(".gif") for f in files if f.with_suffix(".gif").is_file()]  # outputs.gif_previews
         for logger in trainer.loggers:
             if metrics:
                 logger.log_metrics(metrics, step=step)
@@ -86,8 +95,7 @@ class Validation(L.Callback):
                 from tensorboard.compat.proto.summary_pb2 import Summary
 
                 values = []
-                for i, f in enumerate(files):
-                    gif = f.with_suffix(".gif")
+                for i, gif in enumerate(gifs):
                     with Image.open(gif) as image:
                         width, height = image.size
                     values.append(Summary.Value(tag=f"val/{i:02d}", image=Summary.Image(

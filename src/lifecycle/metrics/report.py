@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageSequence
+from PIL import Image, ImageDraw, ImageFont
 
-from ..data.video_io import write_atomically, write_video
+from ..data.video_io import decode_video, write_atomically, write_video
 from ..models.bundle import LINEAGE_FILE
 from .oracle import ORACLE_COLUMNS
 
@@ -34,12 +34,6 @@ def metric_table(results: dict[str, dict[str, dict]], prompt_set: str) -> tuple[
     columns += [(k, f"{k.replace('_accuracy', '')} acc. ↑", 3) for k in ORACLE_COLUMNS if k in first]
     rows = [[name, *(f"{sets[prompt_set][k]:.{d}f}" for k, _, d in columns)] for name, sets in results.items()]
     return ["model", *(h for _, h, _ in columns)], rows
-
-
-def read_gif(path: Path) -> np.ndarray:
-    """(F, H, W, 3) uint8 frames of a GIF."""
-    with Image.open(path) as image:
-        return np.stack([np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)])
 
 
 def wrap(text: str, font, width: int, lines: int = 4) -> list[str]:
@@ -89,8 +83,8 @@ def sample_grids(samples: Path, names: list[str], prompt_set: str, prompts: list
                  fps: int) -> list[str]:
     """`grid_<set>.gif` (rows: models, columns: `prompts`, the set's first few, labelled on top) and `grid_<set>.png`,
     its middle frame; returns the two file names."""
-    rows = [[read_gif(path) for path in sorted((samples / name / prompt_set).glob("*.gif"))[:len(prompts)]]
-            for name in names]
+    rows = [[decode_video(path.read_bytes()) for path in sorted((samples / name / prompt_set).glob("*.mp4"))]
+            [: len(prompts)] for name in names]
     video = tile(rows, names, prompts)
     gif, png = f"grid_{prompt_set}.gif", f"grid_{prompt_set}.png"
     write_video(out / gif, video, fps=fps)

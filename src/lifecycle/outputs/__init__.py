@@ -10,6 +10,8 @@ through `lifecycle.callbacks.samples.write_samples`, which applies the process-w
 - invisible watermark (`outputs.watermark`, on by default): frames are upscaled (nearest) to `min_size` and
   every frame of every mp4 and gif, and filmstrip.png, carry `message` (lifecycle.outputs.watermark); each
   file is checked right after writing (provenance.json: `watermark.verified`);
+- files: an mp4 per sample, and a GIF of the first `outputs.gif_previews` samples of each set (GIFs play where
+  mp4 does not: markdown, TensorBoard; null: a GIF of every sample);
 - provenance (`outputs.provenance`, on by default): provenance.json beside the samples (model lineage, recipe,
   stage, seed, time, lifecycle version, one entry per sample), and a compact copy inside each file
   (lifecycle.outputs.provenance).
@@ -54,12 +56,14 @@ class Mark:
 @dataclass(frozen=True)
 class Policy:
     """What the sink applies: `filter` (`.scores(clips)` and `.threshold`, a SafetyFilter; None: off),
-    `watermark` (None: off), whether to write `provenance`, and the provenance `context` of the run."""
+    `watermark` (None: off), whether to write `provenance`, the provenance `context` of the run, and how many
+    samples of a set also get a GIF (`gif_previews`; None: all)."""
 
     filter: Any = None
     watermark: Mark | None = Mark()
     provenance: bool = True
     context: dict = field(default_factory=lambda: run_context(None))
+    gif_previews: int | None = 8
 
 
 _policy: Policy | None = None
@@ -97,7 +101,7 @@ def from_config(cfg: DictConfig) -> Policy:
     mark = out.watermark
     return Policy(filter=_build_filter(out.filter),
                   watermark=Mark(mark.message, mark.method, mark.min_size) if mark.enabled else None,
-                  provenance=out.provenance, context=run_context(cfg))
+                  provenance=out.provenance, context=run_context(cfg), gif_previews=out.gif_previews)
 
 
 def _build_filter(node):

@@ -16,7 +16,6 @@ from .watermark import detect, embed
 
 log = logging.getLogger(__name__)
 GREY = 128  # a blocked clip's replacement
-VIDEO_FORMATS = ("mp4", "gif")
 VERIFY_FRAMES = 2
 
 
@@ -58,11 +57,13 @@ def verify(out: Path, files: list[str], mark: Mark) -> dict:
 
 def write_samples(out: Path, clips: list[np.ndarray], prompts: list[str], scores: dict, fps: int, name: str,
                   policy: Policy) -> None:
-    """`out/`: `NNN.mp4` and `NNN.gif` per uint8 (F, H, W, 3) clip, `filmstrip.png` labelled with the prompts,
-    `prompts.json`, `scores` as `name` and `provenance.json`, under the lifecycle.outputs `policy`."""
+    """`out/`: `NNN.mp4` per uint8 (F, H, W, 3) clip and `NNN.gif` for the first `policy.gif_previews` of them,
+    `filmstrip.png` labelled with the prompts, `prompts.json`, `scores` as `name` and `provenance.json`, under the
+    lifecycle.outputs `policy`."""
     out.mkdir(parents=True, exist_ok=True)
     clips, unsafe = screen(clips, policy.filter)
-    samples = [{"index": i, "prompt": p, "files": [f"{i:03d}.{fmt}" for fmt in VIDEO_FORMATS],
+    previews = len(prompts) if policy.gif_previews is None else policy.gif_previews
+    samples = [{"index": i, "prompt": p, "files": [f"{i:03d}.mp4"] + [f"{i:03d}.gif"] * (i < previews),
                 "blocked": unsafe is not None and unsafe[i] >= policy.filter.threshold,
                 "unsafe_score": None if unsafe is None else unsafe[i]} for i, p in enumerate(prompts)]
     for s in (s for s in samples if s["blocked"]):
@@ -78,8 +79,8 @@ def write_samples(out: Path, clips: list[np.ndarray], prompts: list[str], scores
 
     def write(i: int) -> None:
         frames = clips[i] if mark is None else embed(clips[i], mark)
-        for fmt in VIDEO_FORMATS:
-            write_video(out / f"{i:03d}.{fmt}", frames, fps=fps, comment=comment(i))
+        for name in samples[i]["files"]:
+            write_video(out / name, frames, fps=fps, comment=comment(i))
 
     each(write, range(len(clips)))
     strip = np.asarray(filmstrip(clips, [f"[blocked] {s['prompt']}" if s["blocked"] else s["prompt"] for s in samples]))
