@@ -1,18 +1,28 @@
+# Targets: each `# make <target>:` line below is what `make help` prints; indented lines add detail.
+# make help: list the targets.
+# make install: set up .venv from requirements.lock (torch first; `make install TORCH=` keeps a cluster's own torch).
 # make demo: set up .venv and run the whole lifecycle on the embedded default (recipes/tiny.yaml, CPU).
-# make test: set up .venv, run the test suite and the smoke recipe (every stage for a few steps).
+# make test: set up .venv, then `make lint`, the test suite and the smoke recipe (every stage for a few steps).
+# make lint: ruff check of src and tests (the rules: [tool.ruff] in pyproject.toml).
+# make test-unit: only the unit tests: functions, math and config checks, no stage runs (pytest -m unit).
+# make test-stage: only the tests that run one stage (pytest -m stage).
+# make test-recipe: only the end-to-end recipe tests (pytest -m recipe).
+# make smoke: the smoke recipe alone: every stage for a few steps (outputs/smoke).
+# make faults: the fault-injection tests (kills, signals, SLURM requeue, torn checkpoints, NaN/Inf, corrupt data).
+#   Also failed checkpoint writes, recipe resume, run-directory ownership, resume with a changed config.
+# make distributed: every training stage under DDP and FSDP on two CPU processes, LoRA and full fine-tuning.
 # make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
 # make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
-# make faults: the fault-injection tests (kills, SIGTERM/SIGINT, SLURM requeue, torn and failed checkpoint writes,
-# NaN/Inf, corrupt data, recipe resume, run-directory ownership, resume with a changed config).
-# make distributed: every training stage under DDP and FSDP on two CPU processes, LoRA and full fine-tuning.
 # make sweep: VADER K x learning rate from the demo's pre-trained model (Hydra multirun), one table of the jobs.
 # make recaption-report: pre-train on the demo's curated clips with raw captions vs recaptions; held-out fidelity.
-# make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table);
-# BENCH_ARGS=--gpu for the real-size cases on a CUDA device.
-# make gpu-check: everything GPU-only in one command (every stage on CUDA, FSDP2 kill and resume, the real recipes'
-# step time and memory at real shapes, the bench cases): outputs/gpu-check/gpu-check.md; GPU_CHECK_ARGS=--dry-run on a CPU.
+# make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table).
+#   BENCH_ARGS=--gpu for the real-size cases on a CUDA device.
+# make gpu-check: everything GPU-only in one command (outputs/gpu-check/gpu-check.md; --dry-run on a CPU).
+#   Every stage on CUDA, FSDP2 kill and resume, the real recipes' step time and memory at real shapes, the bench
+#   cases; GPU_CHECK_ARGS=--dry-run runs the same code on a CPU at tiny shapes.
 # make lock: regenerate requirements.lock (every dependency pinned) from pyproject.toml's ranges.
 # make test-latest: the suite in a throwaway .venv-latest with the newest releases the ranges allow (finds drift).
+# make clean: remove outputs/, multirun/ and pytest's cache.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,7 +32,7 @@ PIP_VERSION ?= 26.3
 PIP_TOOLS_VERSION ?= 7.7.0
 LOCK ?= requirements.lock
 TEST_WORKERS ?= 2  # pytest-xdist workers for make test (the suite is mostly single-threaded work)
-# make lock: LOCK_ARGS=--upgrade-package transformers moves only that one; empty keeps every pin that still fits.
+# LOCK_ARGS for make lock: --upgrade-package transformers moves only that one; empty keeps every pin that still fits.
 LOCK_ARGS ?= --upgrade
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -36,9 +46,13 @@ SWEEP_ARGS ?= reward=vivid stage.steps=30 stage.evaluation.num_steps=10 stage.sa
 SWEEP_DIR ?= multirun/vader-sweep
 PRETRAINED := $(DEMO_DIR)/pretrain/export
 
-.PHONY: install lock test-latest demo test smoke faults distributed vader-report compare sweep recaption-report bench gpu-check clean
+.PHONY: help install lock test-latest demo test lint test-unit test-stage test-recipe smoke faults distributed vader-report \
+	compare sweep recaption-report bench gpu-check clean
 
 install: $(VENV)/.installed
+
+help:
+	@sed -n 's/^# \(make [a-z-]*:\)/\1/p' $(firstword $(MAKEFILE_LIST))
 
 # Exact versions from the lock: torch first (constrained by the lock's pins of its own dependencies), then
 # every other package at its locked version, then the project itself without resolving anything.
@@ -102,8 +116,15 @@ gpu-check: install
 	$(PY) -m lifecycle.bench.gpu_check $(GPU_CHECK_ARGS)
 
 test: install
+	$(MAKE) lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 	$(MAKE) smoke
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+test-unit test-stage test-recipe: test-%: install
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "$* and not matrix"
 
 faults: install
 	$(PY) -m pytest -q -m faults

@@ -5,11 +5,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import (  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
     BertTokenizer,
     BlipConfig,
     BlipForConditionalGeneration,
@@ -20,9 +20,9 @@ from transformers import (  # noqa: E402
     ViTImageProcessor,
 )
 
-from lifecycle.curation.annotate import describe_motion  # noqa: E402
-from lifecycle.curation.safety import SafetyFilter  # noqa: E402
-from lifecycle.curation.vlm import VLMCaptioner, with_motion  # noqa: E402
+from lifecycle.curation.annotate import describe_motion
+from lifecycle.curation.safety import SafetyFilter
+from lifecycle.curation.vlm import VLMCaptioner, with_motion
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
 WORDS = "describe this video frame in one detailed sentence . a photo of red blue green circle square ball".split()

@@ -6,9 +6,7 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf

@@ -70,7 +70,7 @@ def main(cfg: DictConfig):
         if rank_zero_only.rank == 0:  # every rank stopped at the same step
             log.error("%s; to resume, run the same command with%s hydra.run.dir=%s", e, again, cfg.run_dir)
         sys.exit(e.exit_status)
-    except Exception:  # noqa: BLE001 - logged here, secrets masked; Hydra would print the overrides unmasked
+    except Exception:  # logged here, secrets masked; Hydra would print the overrides unmasked
         log.exception("failed")
         sys.exit(1)
     finally:

@@ -1,6 +1,7 @@
 """A resume states what changed: the config a checkpoint was trained with, compared with the one resuming it.
 
-Every checkpoint holds its run's config (as composed, interpolations unresolved, secrets redacted) in `RunConfig`'s callback state. On resume
+Every checkpoint holds its run's config (as composed, interpolations unresolved, secrets redacted) in `RunConfig`'s
+callback state. On resume
 the keys that differ are logged in one line; those that cannot change (the model's weights and shapes, the
 stage kind, LoRA, which parts train) are refused in one line before any weight is loaded (a width change used
 to fail with a 205-line log); the others take effect as asked. Lightning restores the optimizer's

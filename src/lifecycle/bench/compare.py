@@ -9,7 +9,8 @@ Per seed, through the stages' own runners (the CLI's code path):
   * Diffusion-DPO: preference pairs sampled from the same model and labelled by the same reward
     (`queries` videos scored: every pair of 4 candidates per prompt), then DPO on them; the pairs'
     sampling time and queries are DPO's too, so its curve starts there.
-All three sample with 10 DDIM steps and guidance 3. Each run measures its reward on the training prompts before its first step and every few steps
+All three sample with 10 DDIM steps and guidance 3. Each run measures its reward on the training prompts before its
+first step and every few steps
 (`stage.curve`, fixed noise, evaluation time not counted), and the before/after table on the
 training and held-out prompts. The report (`<out>/report.md`) has the VADER paper's Table 1 layout
 (mean ± std over seeds) and the plots reward_vs_queries.png and reward_vs_seconds.png (its Figure 7).

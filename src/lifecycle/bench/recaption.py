@@ -28,8 +28,8 @@ def run(curated: str, seeds: list[int], out: Path, overrides: list[str]) -> dict
             run_stage(["stage=pretrain", f"data.shards={curated}", "data.generate=null", f"data.caption_key={key}",
                        f"seed={seed}", f"run_dir={dirs[name]}", "trainer.enable_progress_bar=false", *overrides])
         evaluation = out / f"seed{seed}" / "eval"
-        run_stage(["stage=eval", "stage.metrics=false", f"stage.models=[{','.join(str(d) for d in dirs.values())}]", "reward=vivid",
-                   f"seed={seed}", f"run_dir={evaluation}", "trainer.enable_progress_bar=false"])
+        run_stage(["stage=eval", "stage.metrics=false", f"stage.models=[{','.join(str(d) for d in dirs.values())}]",
+                   "reward=vivid", f"seed={seed}", f"run_dir={evaluation}", "trainer.enable_progress_bar=false"])
         table = json.loads((evaluation / "report" / "table.json").read_text())
         for name, d in dirs.items():
             rows[name][seed] = table[d.name]["test"]

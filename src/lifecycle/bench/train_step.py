@@ -189,8 +189,8 @@ def run_lifecycle(case: Case, steps: int, warmup: int, device: torch.device) -> 
                           gradient_clip=1.0, max_steps=total, latent_shapes=[case.latents] if case.latents else None)
     clock = _Clock()
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision(device), max_steps=total,
-                        logger=False, log_every_n_steps=TrainerSchema.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[clock])
+                        logger=False, log_every_n_steps=TrainerSchema.log_every_n_steps, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(make_batches(case, total), batch_size=None))
     return [b - a for a, b in zip(clock.ends[warmup - 1 :], clock.ends[warmup:])]
 

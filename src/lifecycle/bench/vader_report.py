@@ -43,7 +43,8 @@ def summary(tables: dict, reward: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", default="outputs/demo/pretrain/export", help="bundle folder to align (make demo's export)")
+    parser.add_argument("--pretrained", default="outputs/demo/pretrain/export",
+                        help="bundle folder to align (make demo's export)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="outputs/vader_report")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. reward=colour stage.steps=100")

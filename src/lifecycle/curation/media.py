@@ -3,7 +3,8 @@
 A folder holds video files (mp4, webm, gif, mov, avi, mkv) and images (png, jpg, jpeg, webp, bmp), in any
 sub-folder; an item's original caption is its sidecar `.txt` (or a sidecar `.json`'s `caption`), else the
 file name (also for an empty sidecar). Shards are webdataset tars whose samples hold one of those media
-keys (or `npy` frames) and a `json` caption or `txt`. Units are fixed by the sorted input alone, so every rank and every re-run agrees.
+keys (or `npy` frames) and a `json` caption or `txt`. Units are fixed by the sorted input alone, so every rank and
+every re-run agrees.
 """
 
 import io

@@ -1,4 +1,5 @@
-"""The curation report: counts per step, a filmstrip of recaptioned clips and score histograms (PNG) and, given the input's ground truth (the
+"""The curation report: counts per step, a filmstrip of recaptioned clips and score histograms (PNG) and, given the
+input's ground truth (the
 embedded raw world's `truth.jsonl`), caption accuracy and how many planted duplicates and corrupt files
 were caught."""
 
@@ -11,13 +12,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from webdataset.tariterators import tarfile_samples  # noqa: E402
+from webdataset.tariterators import tarfile_samples
 
-from ..data.synthetic import ATTRIBUTES  # noqa: E402
-from ..data.video_io import save_filmstrip_png  # noqa: E402
-from .media import decode  # noqa: E402
+from ..data.synthetic import ATTRIBUTES
+from ..data.video_io import save_filmstrip_png
+from .media import decode
 
 
 def caption_attributes(text: str) -> dict:

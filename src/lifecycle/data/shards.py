@@ -88,7 +88,7 @@ def decode_sample(sample: dict, caption_key: str = "caption") -> tuple[np.ndarra
     try:
         video = (np.load(io.BytesIO(sample[key])) if key == "npy" else
                  decode_image(sample[key]) if key in IMAGE_KEYS else decode_video(sample[key]))
-    except Exception as e:  # noqa: BLE001 - say which sample
+    except Exception as e:  # say which sample
         raise ValueError(f"{_name(sample, key)}: {e}") from e
     if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
         raise ValueError(f"{_name(sample)}: bad video shape {video.shape}")
@@ -154,7 +154,7 @@ def balanced(samples, key, classes, rng: random.Random, buffer: int, on_error):
         return
     while True:
         want = rng.choice(classes or list(queues))
-        if not queues.get(want) and not read(lambda: queues.get(want)):
+        if not queues.get(want) and not read(lambda: queues.get(want)):  # noqa: B023 - called in this iteration
             return
         yield queues[want].popleft()
 
@@ -249,7 +249,7 @@ class CurriculumStream(IterableDataset):
                 stream = itertools.islice(stream, slot, None, slots)
             rng = random.Random(f"{self.seed}/{cycle}/{slot}")
             read = 0
-            for read, sample in enumerate(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(
+            for read, sample in enumerate(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(  # noqa: B007 - counted
                     iter(stream)), 1):
                 yield sample
             if not read:  # an empty (or wholly unreadable) set of shards would otherwise be re-read forever

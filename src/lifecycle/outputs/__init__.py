@@ -109,5 +109,5 @@ def _build_filter(node):
         return None
     try:
         return instantiate(node)
-    except Exception as e:  # noqa: BLE001 - a model that does not load is a bad outputs.filter
+    except Exception as e:  # a model that does not load is a bad outputs.filter
         raise ConfigError(f"outputs.filter: cannot build {node.get('_target_')}: {e}") from e

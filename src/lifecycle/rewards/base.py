@@ -82,7 +82,8 @@ def build_reward(cfg: DictConfig | Mapping) -> WeightedSum:
     (each conf/reward/*.yaml places itself under `reward.<name>`); `reward.hps.weight=0.5`
     changes a weight.
     """
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    cfg = (OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig)
+           else OmegaConf.create(dict(cfg)))
     rewards, weights = {}, {}
     for name, entry in cfg.items():
         if "_target_" not in entry:

@@ -1,7 +1,8 @@
 """Evaluation (`stage=eval`): exported models side by side on the same prompts, noise and seeds.
 
 Each model in `stage.models` (export folders, or run directories holding an `export/`) samples `prompts.train`
-and `prompts.test` with the same settings and seeds (image-to-video models from `stage.condition` images); every term of `reward` scores the videos, the `metrics`
+and `prompts.test` with the same settings and seeds (image-to-video models from `stage.condition` images); every
+term of `reward` scores the videos, the `metrics`
 group measures them (FID/KID against its reference videos, CLIP score, temporal consistency, motion), and for
 synthetic-world prompts the pixel oracle checks colour and direction. Writes `report/report.md` and
 `report/report.html` (tables, sample grids, training curves), `report/table.json` and `samples/<model>/<set>/`.
