@@ -185,6 +185,7 @@ def test_one_worker_writes_what_two_write_and_reruns_skip_finished_work(raw, cur
     assert shards == sorted(p.name for p in one.glob("*.tar")) and len(shards) == 4
     for name in shards:
         assert (one / name).read_bytes() == (out / name).read_bytes()
+    assert list((tmp_path / "ray" / "logs").glob("raylet*"))  # the local Ray's logs end up in the run directory
 
     # an interrupted run: one unit unfinished, no curate.json -> only that unit is redone
     (one / "curate.json").unlink()
@@ -256,3 +257,14 @@ def test_bad_curate_config_names_the_key(raw, tmp_path, override, key):
                                                                   and a.startswith("stage.recaption."))]
     with pytest.raises(ConfigError, match=key):
         compose_cfg(tmp_path, *args, override)
+
+
+def test_dedup_bench_smoke(tmp_path):
+    """`python -m lifecycle.bench.dedup` on a small set: every planted copy caught, exact search its own reference."""
+    from lifecycle.bench.dedup import main
+
+    rows = main(["--n", "4000", "--dim", "16", "--sample", "200", "--index", "flat", "hnsw", "--threads", "1",
+                 "--out", str(tmp_path)])
+    assert [r["index"] for r in rows] == ["flat", "hnsw"] and (tmp_path / "dedup.md").is_file()
+    assert rows[0]["caught"] == rows[0]["planted"] == 40 and rows[0]["recall_at_1"] == rows[0]["pair_recall"] == 1.0
+    assert rows[1]["caught"] >= 38 and rows[1]["pair_recall"] >= 0.9

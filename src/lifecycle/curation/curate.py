@@ -17,6 +17,7 @@ Ray runs the steps (`engine`): a local Ray of `stage.workers` CPUs started by th
 atomically, they let a re-run skip finished units, and a finished run (curate.json) does nothing.
 """
 
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray.data
 import webdataset as wds
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -50,7 +52,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def _units(ray, units: list[Unit], rows: dict | None = None):
+def _units(units: list[Unit], rows: dict | None = None) -> ray.data.Dataset:
     """A Ray dataset of units, a block each, with their rows after deduplication in pass 2."""
     items = [{"unit": u.index, "files": list(u.files), "shard": u.shard or "",
               "rows": json.dumps(rows[u.index]) if rows else ""} for u in units]
@@ -81,12 +83,12 @@ def _by_unit(ds, units: list[Unit], columns: list[str], desc: str):
                 bar.update()
 
 
-def inspect(ray, s, units: list[Unit], root: str, work: Path) -> None:
+def inspect(s, units: list[Unit], root: str, work: Path) -> None:
     """Pass 1 over the units not yet inspected -> inspect-<unit>.jsonl (a row per clip) and .npy (float16
     embeddings of the clips still in)."""
     if not units:
         return
-    ds = _units(ray, units).flat_map(steps.read, fn_kwargs={"root": root})
+    ds = _units(units).flat_map(steps.read, fn_kwargs={"root": root})
     ds = add_step(ds, steps.check, s.ray.batch_size, filters=dict(s.filters), dedup=dict(s.dedup),
                   thumbnails=s.dedup.model is None)
     if s.dedup.model is not None:
@@ -94,8 +96,9 @@ def inspect(ray, s, units: list[Unit], root: str, work: Path) -> None:
     for unit, clips in _by_unit(ds, units, ["unit", "row", "embedding"], "inspect"):
         rows = [json.loads(c["row"]) for c in clips]
         emb = [np.frombuffer(c["embedding"], np.float16) for c, r in zip(clips, rows) if "hash" in r]
-        np.save(work / f".inspect-{unit:05d}.npy", np.stack(emb) if emb else np.zeros((0, 0), np.float16))
-        os.replace(work / f".inspect-{unit:05d}.npy", work / f"inspect-{unit:05d}.npy")
+        buffer = io.BytesIO()
+        np.save(buffer, np.stack(emb) if emb else np.zeros((0, 0), np.float16))
+        write_atomically(work / f"inspect-{unit:05d}.npy", buffer.getvalue())
         write_atomically(work / f"inspect-{unit:05d}.jsonl", _jsonl(rows))
 
 
@@ -140,14 +143,14 @@ def _write_unit(out: Path, unit: int, rows: list[dict], clips: list[dict]) -> No
     write_atomically(out / WORK / f"unit-{unit:05d}.jsonl", _jsonl(rows))
 
 
-def describe(ray, s, units: list[Unit], rows: dict, root: str, out: Path) -> None:
+def describe(s, units: list[Unit], rows: dict, root: str, out: Path) -> None:
     """Pass 2 over the units not yet written: the clips that survived deduplication are annotated, scored,
     safety-checked and recaptioned, then written."""
     if not units:
         return
     settings = OmegaConf.to_container(s, resolve=True)
     models = settings["ray"]["models"]
-    ds = _units(ray, units, rows).flat_map(steps.read, fn_kwargs={"root": root})
+    ds = _units(units, rows).flat_map(steps.read, fn_kwargs={"root": root})
     ds = add_step(ds, steps.describe, s.ray.batch_size, annotate_args=settings["annotate"])
     if settings["aesthetic"]:
         ds = add_step(ds, steps.Score, 0, actor=models["score"], spec=settings["aesthetic"])
@@ -184,12 +187,12 @@ def run(cfg) -> dict:
     root = str(Path(s.input).resolve())
     times = {}
     start = time.monotonic()
-    with ray_session(s.ray.address, s.workers, s.ray.object_store_mb, Path(cfg.run_dir) / "ray") as ray:
-        cores = s.workers if s.ray.address is None else int(ray.cluster_resources().get("CPU", 1))
+    with ray_session(s.ray.address, s.workers, s.ray.object_store_mb, Path(cfg.run_dir) / "ray") as session:
+        cores = s.workers if s.ray.address is None else int(session.cluster_resources().get("CPU", 1))
         times["start"] = time.monotonic() - start
 
         start = time.monotonic()
-        inspect(ray, s, [u for u in units if not (work / f"inspect-{u.index:05d}.jsonl").exists()], root, work)
+        inspect(s, [u for u in units if not (work / f"inspect-{u.index:05d}.jsonl").exists()], root, work)
         times["inspect"] = time.monotonic() - start
 
         start = time.monotonic()
@@ -197,7 +200,7 @@ def run(cfg) -> dict:
         times["dedup"] = time.monotonic() - start
 
         start = time.monotonic()
-        describe(ray, s, [u for u in units if not (work / f"unit-{u.index:05d}.jsonl").exists()], rows, root, out)
+        describe(s, [u for u in units if not (work / f"unit-{u.index:05d}.jsonl").exists()], rows, root, out)
         times["describe"] = time.monotonic() - start
     manifest = [r for u in units for r in _read_jsonl(work / f"unit-{u.index:05d}.jsonl")]
     write_atomically(out / "manifest.jsonl", _jsonl(manifest))

@@ -80,7 +80,7 @@ def read(unit: dict, root: str) -> list[dict]:
 
 def check(batch, filters: dict, dedup: dict, thumbnails: bool) -> dict:
     """Decode and validate (corrupt input: dropped at step decode, never fatal), filter on size and length, hash;
-    the thumbnail embedding too when no embedding model is set."""
+    the thumbnail embedding too when no embedding model is set, else the frames for the model."""
     torch.set_num_threads(1)
     rows, videos, embeddings = _rows(batch), [], []
     for row, data, ext in zip(rows, batch["data"], batch["ext"]):
@@ -95,9 +95,10 @@ def check(batch, filters: dict, dedup: dict, thumbnails: bool) -> dict:
                 row |= {"kept": False, "step": "filter", "reason": why}
             else:
                 row["hash"] = content_hash(data)
-                video = frames.tobytes()
                 if thumbnails:
                     embedding = thumbnail_embedding(frames, dedup["frames"], dedup["size"]).astype(np.float16).tobytes()
+                else:  # for the embedding model's step
+                    video = frames.tobytes()
         videos.append(video)
         embeddings.append(embedding)
     return {"unit": batch["unit"], "row": _objects([json.dumps(r) for r in rows]), "video": _objects(videos),
