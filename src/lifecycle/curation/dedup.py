@@ -72,8 +72,12 @@ def search_pairs(index: faiss.Index, embeddings: np.ndarray, threshold: float, n
         dist, idx = index.search(emb[s:s + block], k)
         rms = np.sqrt(np.maximum(dist, 0) / emb.shape[1])  # squared L2 / D = squared RMS distance
         earlier = (idx >= 0) & (idx < np.arange(s, s + len(idx))[:, None])
-        for i, j in zip(*np.nonzero((rms <= threshold) & earlier)):
-            pairs.setdefault(s + int(i), []).append((int(idx[i, j]), float(rms[i, j])))
+        # faiss's distances round differently with its thread count: candidates are measured again, exactly
+        for i, j in zip(*np.nonzero((rms <= threshold * 1.01 + 1e-6) & earlier)):
+            a, b = s + int(i), int(idx[i, j])
+            d = float(np.sqrt(np.mean((emb[a].astype(np.float64) - emb[b]) ** 2)))
+            if d <= threshold:
+                pairs.setdefault(a, []).append((b, d))
     return pairs
 
 
