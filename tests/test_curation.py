@@ -1,10 +1,8 @@
-"""The data engine: each step on hand-made inputs, then `stage=curate` on a small raw world (one rank with two
-workers, two ranks, re-runs, a safety filter), and its shards read back by the training stream."""
+"""The data engine: each step on hand-made inputs, then `stage=curate` on a small raw world (a local Ray of two
+workers and of one, re-runs, a safety filter, model steps), and its shards read back by the training stream."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,9 @@ import torch
 
 from lifecycle.config import ConfigError
 from lifecycle.curation.annotate import annotate, describe_motion, frame_difference, global_shift
-from lifecycle.curation.curate import run
-from lifecycle.curation.dedup import find_duplicates, thumbnail_embedding
+from lifecycle.curation.curate import WORK, deduplicate, run
+from lifecycle.curation.dedup import find_duplicates, near_pairs, thumbnail_embedding
+from lifecycle.curation.media import list_units
 from lifecycle.curation.filters import size_filter
 from lifecycle.curation.media import decode
 from lifecycle.data.curriculum import Curriculum
@@ -24,7 +23,7 @@ from lifecycle.data.synthetic import render_clip, sample_metadata
 from lifecycle.data.video_io import encode_video
 
 from .helpers import compose_cfg
-from .test_curation_models import blip_folder, vit_folder
+from .test_curation_models import blip_folder, clip_folder, vit_folder
 
 
 def clip(direction="left", colour="red", seed=0):
@@ -86,16 +85,32 @@ def test_decode_rejects_broken_media_and_reads_images():
     np.testing.assert_array_equal(decode(buffer.getvalue(), "png"), video[:1])
 
 
-def test_find_duplicates_keeps_the_first_of_each_group():
+@pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
+def test_find_duplicates_keeps_the_first_of_each_group(index):
     emb = np.zeros((5, 4), np.float32)
     emb[1] = [0.1, 0, 0, 0]  # RMS distance to 0: 0.05
     emb[2] = [0.2, 0, 0, 0]  # 0.05 from 1 (dropped), 0.1 from 0: kept at threshold 0.06
+    emb[3] = [9, 9, 9, 9]  # an exact copy of 0 (same hash): its embedding is not looked at
     emb[4] = [0.02, 0, 0, 0]  # 0.01 from 0
-    out = find_duplicates(["a", "b", "c", "a", "e"], emb, threshold=0.06)
+    out = find_duplicates(["a", "b", "c", "a", "e"], emb, threshold=0.06, index=index)
     assert out[0] is None and out[2] is None
     assert out[1] == (0, "near", pytest.approx(0.05)) and out[3] == (0, "exact", 0.0)
     assert out[4] == (0, "near", pytest.approx(0.01))
     assert find_duplicates(["a", "b", "c", "a", "e"], emb, threshold=-1) == [None, None, None, (0, "exact", 0.0), None]
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_index_finds_the_exact_pairs(index):
+    """Planted copies (small noise) among 6000 clustered vectors: the approximate index finds what the flat one finds."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(60, 32)).astype(np.float32)
+    emb = centres[rng.integers(0, 60, 6000)] + rng.normal(scale=0.5, size=(6000, 32)).astype(np.float32)
+    copies = rng.choice(5000, 300, replace=False)
+    emb[5000 + np.arange(300)] = emb[copies] + rng.normal(scale=0.01, size=(300, 32)).astype(np.float32)
+    exact = near_pairs(emb, 0.05, index="flat")
+    assert set(exact) >= set(range(5000, 5300))
+    found = near_pairs(emb, 0.05, index=index, exact_up_to=0, nprobe=8)
+    assert found.keys() <= exact.keys() and len(found) >= 0.95 * len(exact)
 
 
 def test_thumbnail_embedding_ignores_brightness_not_colour():
@@ -161,32 +176,40 @@ def test_curated_shards_train(curated):
     assert {"caption", "original_caption", "aesthetic", "vivid", "motion", "annotation", "colour", "shard"} <= set(row)
 
 
-def test_two_ranks_write_what_one_writes_and_reruns_skip_finished_work(raw, curated, tmp_path):
+def test_one_worker_writes_what_two_write_and_reruns_skip_finished_work(raw, curated, tmp_path):
     out, _ = curated
-    two = tmp_path / "two"
-    ranks = [subprocess.Popen([sys.executable, "-m", "lifecycle", *curate_args(raw, two, "stage.workers=1"),
-                               f"hydra.run.dir={tmp_path / f'run{r}'}"],
-                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in ranks:
-        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
-    assert manifest(two) == manifest(out)
+    one = tmp_path / "one"
+    run(compose_cfg(tmp_path, *curate_args(raw, one, "stage.workers=1")))
+    assert manifest(one) == manifest(out)
     shards = sorted(p.name for p in out.glob("*.tar"))
-    assert shards == sorted(p.name for p in two.glob("*.tar")) and len(shards) == 4
+    assert shards == sorted(p.name for p in one.glob("*.tar")) and len(shards) == 4
     for name in shards:
-        assert (two / name).read_bytes() == (out / name).read_bytes()
+        assert (one / name).read_bytes() == (out / name).read_bytes()
+    assert list((tmp_path / "ray" / "logs").glob("raylet*"))  # the local Ray's logs end up in the run directory
 
     # an interrupted run: one unit unfinished, no curate.json -> only that unit is redone
-    (two / "curate.json").unlink()
-    (two / ".work" / "unit-00001.jsonl").unlink()
-    before = {p.name: p.stat().st_mtime_ns for p in (two / ".work").glob("unit-*.jsonl")}
-    summary = run(compose_cfg(tmp_path, *curate_args(raw, two, "stage.workers=1")))
-    after = {p.name: p.stat().st_mtime_ns for p in (two / ".work").glob("unit-*.jsonl")}
+    (one / "curate.json").unlink()
+    (one / ".work" / "unit-00001.jsonl").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (one / ".work").glob("unit-*.jsonl")}
+    summary = run(compose_cfg(tmp_path, *curate_args(raw, one, "stage.workers=1")))
+    after = {p.name: p.stat().st_mtime_ns for p in (one / ".work").glob("unit-*.jsonl")}
     assert {k: after[k] for k in before} == before and "unit-00001.jsonl" in after
-    assert manifest(two) == manifest(out) and summary["kept"] == json.loads((out / "curate.json").read_text())["kept"]
-    (two / "curate.json").unlink()
+    assert manifest(one) == manifest(out) and summary["kept"] == json.loads((out / "curate.json").read_text())["kept"]
+    (one / "curate.json").unlink()
     with pytest.raises(ConfigError, match="stage.out"):
-        run(compose_cfg(tmp_path, *curate_args(raw, two, "stage.dedup.threshold=0.05")))
+        run(compose_cfg(tmp_path, *curate_args(raw, one, "stage.dedup.threshold=0.05")))
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_dedup_catches_what_flat_catches(raw, curated, index):
+    """The raw world's inspection deduplicated again through an approximate index: the same clips dropped."""
+    out, _ = curated
+    cfg = compose_cfg(out.parent, *curate_args(raw, out))
+    units = list_units(cfg.stage.input, cfg.stage.unit_size)
+    flat = deduplicate(out / WORK, units, cfg.stage.dedup)
+    cfg.stage.dedup.index, cfg.stage.dedup.exact_up_to = index, 0
+    approximate = deduplicate(out / WORK, units, cfg.stage.dedup)
+    assert approximate == flat and sum(r.get("step") == "dedup" for rows in flat.values() for r in rows) >= 15
 
 
 def test_safety_filter_drops_and_counts(raw, tmp_path):
@@ -200,23 +223,33 @@ def test_safety_filter_drops_and_counts(raw, tmp_path):
     assert all(r["unsafe"] == pytest.approx(float(torch.sigmoid(torch.tensor(4.0))), abs=1e-4) for r in blocked)
 
 
-def test_shard_input_and_a_vlm_recaptioner(synthetic_shards, tmp_path):
-    """Existing shards in (a unit per shard); a transformers VLM (a tiny BLIP) recaptions, keeping the motion."""
-    vlm = blip_folder(tmp_path / "blip")
+def test_shard_input_and_model_steps(synthetic_shards, tmp_path):
+    """Existing shards in (a unit per shard); every step a model: a tiny CLIP embeds for dedup and scores aesthetics
+    (a LAION head on it), a transformers VLM (a tiny BLIP) recaptions, keeping the motion; two-actor pools."""
+    vlm, clip = blip_folder(tmp_path / "blip"), clip_folder(tmp_path / "clip")
     out = tmp_path / "out"
     summary = run(compose_cfg(tmp_path, "stage=curate", f"stage.input={synthetic_shards}", f"stage.out={out}",
-                              "stage.generate=null", "stage.truth=null", "stage.workers=1", "stage.dedup.threshold=-1",
+                              "stage.generate=null", "stage.truth=null", "stage.workers=1", "stage.dedup.threshold=0",
+                              f"stage.dedup.model={clip}", f"stage.aesthetic=[{{aesthetic: {{clip: {clip}}}}}]",
+                              "stage.ray.models.recaption.actors=2", "stage.ray.models.embed.batch_size=7",
                               "stage/recaption=vlm", f"stage.recaption.model={vlm}", "stage.recaption.max_new_tokens=12"))
     rows = manifest(out)
-    assert summary["inputs"] == summary["kept"] == 160 and summary["shards"] == 4
+    assert summary["inputs"] == summary["kept"] == 160 and summary["shards"] == 4  # distinct clips: none near 0
     assert rows[0]["source"] == "shard-000000.tar:00000000" and rows[0]["original_caption"].startswith("a ")
     for r in rows:
         assert r["caption"].endswith(f", moving {r['annotation']['direction']}") and len(r["caption"].split()) > 4
+        assert isinstance(r["aesthetic"], float)
+    embeddings = np.load(out / WORK / "inspect-00000.npy")
+    assert embeddings.shape == (40, 16) and np.allclose(np.linalg.norm(embeddings.astype(np.float32), axis=1), 4, atol=0.01)
 
 
 @pytest.mark.parametrize("override,key", [("stage.aesthetic=[nope]", "stage.aesthetic"),
                                           ("stage.input=/nonexistent", "stage.input"),
                                           ("stage.workers=0", "stage.workers"),
+                                          ("stage.dedup.index=annoy", "stage.dedup.index"),
+                                          ("stage.ray.models.score.actors=0", "stage.ray.models.score.actors"),
+                                          ("stage.dedup.model=./no/clip", "stage.dedup.model"),
+                                          ("stage.aesthetic=3", "stage.aesthetic"),
                                           ("+stage.safety={model: x}", "stage.safety"),
                                           ("stage/recaption=vlm", "stage.recaption.model")])
 def test_bad_curate_config_names_the_key(raw, tmp_path, override, key):
@@ -224,3 +257,14 @@ def test_bad_curate_config_names_the_key(raw, tmp_path, override, key):
                                                                   and a.startswith("stage.recaption."))]
     with pytest.raises(ConfigError, match=key):
         compose_cfg(tmp_path, *args, override)
+
+
+def test_dedup_bench_smoke(tmp_path):
+    """`python -m lifecycle.bench.dedup` on a small set: every planted copy caught, exact search its own reference."""
+    from lifecycle.bench.dedup import main
+
+    rows = main(["--n", "4000", "--dim", "16", "--sample", "200", "--index", "flat", "hnsw", "--threads", "1",
+                 "--out", str(tmp_path)])
+    assert [r["index"] for r in rows] == ["flat", "hnsw"] and (tmp_path / "dedup.md").is_file()
+    assert rows[0]["caught"] == rows[0]["planted"] == 40 and rows[0]["recall_at_1"] == rows[0]["pair_recall"] == 1.0
+    assert rows[1]["caught"] >= 38 and rows[1]["pair_recall"] >= 0.9

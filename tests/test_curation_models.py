@@ -1,5 +1,5 @@
-"""VLM recaptioning and the safety filter on tiny random models, loaded through the same from_pretrained path as
-real weights (saved to a folder, read back by `transformers.pipeline`)."""
+"""VLM recaptioning, the safety filter and the dedup embedding on tiny random models, loaded through the same
+from_pretrained path as real weights (saved to a folder, read back by `transformers`)."""
 
 import os
 
@@ -15,12 +15,19 @@ from transformers import (
     BlipForConditionalGeneration,
     BlipImageProcessor,
     BlipProcessor,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
 )
 
 from lifecycle.curation.annotate import describe_motion
+from lifecycle.curation.embed import ImageEmbedder
 from lifecycle.curation.safety import SafetyFilter
 from lifecycle.curation.vlm import VLMCaptioner, with_motion
 
@@ -187,3 +194,45 @@ def test_safety_rejects_unknown_labels(tmp_path, one_thread):
     folder = vit_folder(tmp_path, ["normal", "nsfw"], weight_scale=0.0, bias=[0.0, 0.0])
     with pytest.raises(ValueError, match=r"stage\.safety\.unsafe_labels.*\['normal', 'nsfw'\]"):
         SafetyFilter(folder, unsafe_labels=["porn"])
+
+
+def clip_folder(out, siglip: bool = False) -> str:
+    """A tiny random CLIP (or SigLIP) image-text model (projection 16) and its image processor, saved like a hub folder."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    if siglip:
+        SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(out)
+        SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    else:
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
+def test_embedding_model_by_hand(tmp_path, videos, siglip, one_thread):
+    """The clip embedding: the mean of the frames' unit image features, renormalised, times sqrt(D)."""
+    folder = clip_folder(tmp_path / "model", siglip=siglip)
+    embedder = ImageEmbedder(folder, frames=2)
+    model = (SiglipModel if siglip else CLIPModel).from_pretrained(folder).eval()
+    processor = (SiglipImageProcessor if siglip else CLIPImageProcessor).from_pretrained(folder)
+    out = embedder(videos[:3])
+    for video, emb in zip(videos[:3], out):
+        frames = [Image.fromarray(video[0]), Image.fromarray(video[-1])]  # 2 frames spread over the clip: the ends
+        with torch.no_grad():
+            features = model.get_image_features(**processor(images=frames, return_tensors="pt"))
+        features = getattr(features, "pooler_output", features)
+        mean = torch.nn.functional.normalize(features, dim=-1).mean(0)
+        expected = mean / mean.norm() * mean.numel() ** 0.5
+        np.testing.assert_allclose(emb, expected.numpy(), atol=1e-4)
+        assert np.linalg.norm(emb) == pytest.approx(np.sqrt(len(emb)), rel=1e-5)
+    assert np.allclose(embedder([videos[0]])[0], out[0], atol=1e-5)  # a clip's embedding is its own, batch or not
+
+
+def test_embedding_model_without_image_features(tmp_path):
+    folder = vit_folder(tmp_path / "vit", ["a", "b"], weight_scale=1.0, bias=[0.0, 0.0])
+    with pytest.raises(ValueError, match="stage.dedup.model"):
+        ImageEmbedder(folder)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data.prompts import load_prompts
@@ -388,9 +388,39 @@ class CurateFiltersSchema:
 
 @dataclass
 class DedupSchema:
-    threshold: float = 0.02  # near duplicates: RMS distance of thumbnail embeddings; < 0: exact duplicates only
+    threshold: float = 0.02  # near duplicates: RMS distance of embeddings; < 0: exact duplicates only
     frames: int = 4
     size: int = 16
+    model: Optional[str] = None  # null: pixel thumbnails; a CLIP/SigLIP hub id or folder
+    index: str = "auto"  # flat | ivf | hnsw | auto (flat up to exact_up_to clips)
+    exact_up_to: int = 100000
+    neighbours: int = 16
+    nprobe: int = 16
+    ef_search: int = 128
+
+
+@dataclass
+class CurateActorsSchema:
+    actors: int = 1
+    num_cpus: float = 0
+    num_gpus: float = 0
+    batch_size: int = 32
+
+
+@dataclass
+class CurateModelsSchema:
+    embed: CurateActorsSchema = field(default_factory=CurateActorsSchema)
+    score: CurateActorsSchema = field(default_factory=CurateActorsSchema)
+    safety: CurateActorsSchema = field(default_factory=CurateActorsSchema)
+    recaption: CurateActorsSchema = field(default_factory=CurateActorsSchema)
+
+
+@dataclass
+class CurateRaySchema:
+    address: Optional[str] = None  # null: a local Ray started by the stage; auto / ray://head:10001: a cluster
+    object_store_mb: int = 512
+    batch_size: int = 32
+    models: CurateModelsSchema = field(default_factory=CurateModelsSchema)
 
 
 @dataclass
@@ -411,14 +441,14 @@ class CurateStageSchema:
     generate: Any = None  # written first when `input` is missing (the embedded raw world)
     truth: Optional[str] = None  # ground truth for the report (the raw world's truth.jsonl)
     unit_size: int = 256  # files per unit of work (shards: one shard per unit)
-    workers: int = 2  # processes per rank
+    workers: int = 2  # CPUs of the local Ray
+    ray: CurateRaySchema = field(default_factory=CurateRaySchema)
     filters: CurateFiltersSchema = field(default_factory=CurateFiltersSchema)
     dedup: DedupSchema = field(default_factory=DedupSchema)
     annotate: AnnotateSchema = field(default_factory=AnnotateSchema)
-    aesthetic: list[str] = field(default_factory=lambda: ["vivid"])  # conf/reward names
+    aesthetic: Any = field(default_factory=lambda: ["vivid"])  # conf/reward names, or {name: its overrides}
     recaption: Any = None  # stage/recaption=attributes (embedded) | vlm, or null
     safety: Any = None  # stage/safety=classifier, or null
-    wait_timeout: float = 86400.0  # seconds a rank waits for the others
 
 
 @dataclass
@@ -916,10 +946,21 @@ def _check_curate(cfg: DictConfig) -> None:
         raise ConfigError(f"stage.input: {st.input!r} does not exist (and stage.generate is not set)")
     if st.truth is not None and not os.path.exists(st.truth) and st.generate is None:
         raise ConfigError(f"stage.truth: no file {st.truth!r}")
-    for key in ("unit_size", "workers", "dedup.frames", "dedup.size"):
+    for key in ("unit_size", "workers", "dedup.frames", "dedup.size", "dedup.exact_up_to", "dedup.neighbours",
+                "dedup.nprobe", "dedup.ef_search", "ray.object_store_mb", "ray.batch_size",
+                *(f"ray.models.{m}.{k}" for m in ("embed", "score", "safety", "recaption") for k in ("actors", "batch_size"))):
         if OmegaConf.select(st, key) < 1:
             raise ConfigError(f"stage.{key}: must be >= 1, got {OmegaConf.select(st, key)}")
-    names = list(st.aesthetic)
+    if st.dedup.index not in ("auto", "flat", "ivf", "hnsw"):
+        raise ConfigError(f"stage.dedup.index: one of auto, flat, ivf, hnsw; got {st.dedup.index!r}")
+    if st.dedup.model is not None:
+        _check_model_paths("stage.dedup", st.dedup, ("model",))
+    if not isinstance(st.aesthetic, ListConfig) or not all(isinstance(e, (str, DictConfig)) for e in st.aesthetic):
+        raise ConfigError(f"stage.aesthetic: a list of conf/reward names or {{name: overrides}}, got {st.aesthetic}")
+    names = [n for e in st.aesthetic for n in ([e] if isinstance(e, str) else e)]
+    for entry in (e for e in st.aesthetic if isinstance(e, DictConfig)):
+        for name, more in entry.items():
+            _check_model_paths(f"stage.aesthetic.{name}", more or {}, ("clip", "model"))
     unknown = [n for n in names if not (Path(CONF_DIR) / "reward" / f"{n}.yaml").is_file()]
     if unknown:
         raise ConfigError(f"stage.aesthetic: no reward {unknown[0]!r} in conf/reward "

@@ -107,7 +107,7 @@ def write_report(out: Path, manifest: list[dict], truth: str | None, seconds: di
     dropped = Counter(r["step"] for r in manifest if not r["kept"])
     reasons = Counter(r["reason"].split(":")[0] for r in manifest if r.get("step") == "filter")
     dedup = Counter(r["reason"].split()[0] for r in manifest if r.get("step") == "dedup")
-    total = sum(seconds.values())
+    total = sum(v for k, v in seconds.items() if k != "start")  # the pipeline's time; Ray's start-up apart
     summary = {"inputs": len(manifest), "kept": len(kept), "dropped": dict(dropped), "filtered": dict(reasons),
                "duplicates": dict(dedup), "shards": len({r["shard"] for r in kept}), "seconds": seconds,
                "clips_per_s_per_core": len(manifest) / max(total, 1e-9) / max(workers, 1)}
@@ -117,7 +117,8 @@ def write_report(out: Path, manifest: list[dict], truth: str | None, seconds: di
         summary["truth"] = truth_scores(manifest, truth_rows)
     pngs = _examples(out) + _histograms(out, kept)
     lines = ["# Curation report", "", f"{len(manifest)} inputs, {len(kept)} kept in {summary['shards']} shards "
-             f"({total:.1f} s, {summary['clips_per_s_per_core']:.1f} clips/s per core over {workers} workers).", "",
+             f"({total:.1f} s, {summary['clips_per_s_per_core']:.1f} clips/s per core over {workers} workers; "
+             f"{seconds.get('start', 0):.1f} s more to start Ray).", "",
              "| step | dropped | detail |", "|---|---|---|",
              f"| decode (corrupt, unreadable, truncated) | {dropped.get('decode', 0)} | |",
              f"| filter | {dropped.get('filter', 0)} | {dict(reasons)} |",
