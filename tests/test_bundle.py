@@ -12,7 +12,7 @@ from lifecycle.models.bundle import ALIGNMENT
 
 from .helpers import CONF_DIR
 
-MODELS = ["tiny_video", "tiny_unet3d", "tiny_wan", "tiny_image", "tiny_dit"]
+MODELS = ["tiny_video", "tiny_flow", "tiny_unet3d", "tiny_wan", "tiny_image", "tiny_dit"]
 
 
 def model_cfg(name):
@@ -65,6 +65,12 @@ def test_generate_samples_every_family(name):
 
 def test_prediction_types_and_vae_layout():
     assert build_bundle(model_cfg("tiny_video")).prediction_type == "sample"
+    flow = build_bundle(model_cfg("tiny_flow"))
+    assert flow.is_flow and flow.prediction_type == "flow" and flow.scheduler.config.shift == 3.0
+    # the flow default is the DDPM default's network, only trained and sampled as a flow
+    video_cfg, flow_cfg = model_cfg("tiny_video"), model_cfg("tiny_flow")
+    same = {k: v for k, v in flow_cfg.items() if k != "scheduler"}
+    assert same == {k: v for k, v in video_cfg.items() if k != "scheduler"}
     wan = build_bundle(model_cfg("tiny_wan"))
     assert wan.is_flow and wan.prediction_type == "flow" and wan.vae is None
     unet3d = build_bundle(model_cfg("tiny_unet3d"))
