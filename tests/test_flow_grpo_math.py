@@ -9,8 +9,9 @@ import math
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+from lifecycle.diffusion.ddpo import ddim_step_with_logprob
 from lifecycle.diffusion.grpo import (
     flow_sample_with_logprob,
     flow_sde_step_with_logprob,
@@ -206,3 +207,12 @@ def test_gaussian_kl_by_hand_and_against_torch_distributions():
                                                  normal(ref_step.mean, ref_step.std.expand_as(x))).mean(dim=(1, 2, 3))
     torch.testing.assert_close(gaussian_kl(step.mean, ref_step.mean, step.std), expected)
     assert gaussian_kl(step.mean, step.mean, step.std).abs().max() == 0
+    # DDIM models: the stochastic DDIM step's mean and σ_t, the same way
+    ddim = DDIMScheduler(num_train_timesteps=1000, set_alpha_to_one=False, timestep_spacing="trailing")
+    ddim.set_timesteps(4)
+    t = torch.tensor([999, 499])
+    step = ddim_step_with_logprob(ddim, v, t, x, 0.8)
+    ref_step = ddim_step_with_logprob(ddim, v_ref, t, x, 0.8)
+    expected = torch.distributions.kl_divergence(normal(step.mean, step.std.expand_as(x)),
+                                                 normal(ref_step.mean, ref_step.std.expand_as(x))).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(gaussian_kl(step.mean, ref_step.mean, step.std), expected)

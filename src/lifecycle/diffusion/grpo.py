@@ -29,25 +29,15 @@ i.e. its KL is this one times Δ; its β = 0.04 with 10 steps (Δ ≈ 0.1) is β
 """
 
 import math
-from typing import NamedTuple
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from .ddpo import guided_prediction, normalise
+from .ddpo import GaussianStep, guided_prediction, normalise
 from .noise import expand_as
 from .sampling import Denoise
-
-
-class SDEStep(NamedTuple):
-    """One stochastic step: the sample, its log-probability (B,), and the Gaussian's mean and std (broadcastable)."""
-
-    sample: Tensor
-    log_prob: Tensor
-    mean: Tensor
-    std: Tensor
 
 
 def flow_sde_sigma(t: Tensor, noise_level: float, t_max: float) -> Tensor:
@@ -64,7 +54,7 @@ def flow_sde_step_with_logprob(
     t_max: float,
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
-) -> SDEStep:
+) -> GaussianStep:
     """One Euler–Maruyama step of the marginal-preserving SDE from t to t_next < t (times in [0, 1], scalars or (B,)).
 
     `velocity` is the model's v = ε − x0 at (x_t, t). x_next is drawn with `generator`, or, with `prev_sample`
@@ -86,7 +76,7 @@ def flow_sde_step_with_logprob(
     else:
         x_next = prev_sample.detach().float()
     log_prob = -((x_next.detach() - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-    return SDEStep(x_next.to(x_t.dtype), log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std)
+    return GaussianStep(x_next.to(x_t.dtype), log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std)
 
 
 def flow_sde_times(scheduler: FlowMatchEulerDiscreteScheduler, index: Tensor | int) -> tuple[Tensor, Tensor, float]:
