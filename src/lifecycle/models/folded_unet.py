@@ -25,8 +25,8 @@ class FramesAsChannelsUNet(ModelMixin, ConfigMixin):
     `min_flow_t`). Folded into 4x4 patches, the UNet renders smooth videos well but not per-pixel noise,
     which a velocity (ε − x0) holds: predicted directly, the pre-training validation's samples were still
     noise-covered at step 500 (oracle colour and direction 0 of 24), where with x0 prediction they were clean
-    (colour 18 of 24), as the DDPM default's are (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise",
-    make the same observation for patch-based pixel models).
+    (colour 18 of 24), as the DDPM default's are. Li & He 2025 ("Back to Basics: Let Denoising Generative
+    Models Denoise") make the same observation for patch-based pixel models.
     """
 
     _supports_gradient_checkpointing = True
