@@ -6,13 +6,14 @@ import shutil
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from lifecycle.models import ModelBundle, build_bundle
 from lifecycle.models.bundle import ALIGNMENT
 
 from .helpers import CONF_DIR
 
-MODELS = ["tiny_video", "tiny_unet3d", "tiny_wan", "tiny_image", "tiny_dit"]
+MODELS = ["tiny_video", "tiny_flow", "tiny_unet3d", "tiny_wan", "tiny_image", "tiny_dit"]
 
 
 def model_cfg(name):
@@ -65,6 +66,14 @@ def test_generate_samples_every_family(name):
 
 def test_prediction_types_and_vae_layout():
     assert build_bundle(model_cfg("tiny_video")).prediction_type == "sample"
+    flow = build_bundle(model_cfg("tiny_flow"))
+    assert flow.is_flow and flow.prediction_type == "flow" and flow.scheduler.config.shift == 3.0
+    assert flow.denoiser.config.flow_x0
+    # the flow default is the DDPM default's network, only trained and sampled as a flow
+    video_cfg, flow_cfg = (OmegaConf.to_container(model_cfg(m)) for m in ("tiny_video", "tiny_flow"))
+    assert flow_cfg["denoiser"].pop("flow_x0") is True
+    del flow_cfg["scheduler"], video_cfg["scheduler"]
+    assert flow_cfg == video_cfg
     wan = build_bundle(model_cfg("tiny_wan"))
     assert wan.is_flow and wan.prediction_type == "flow" and wan.vae is None
     unet3d = build_bundle(model_cfg("tiny_unet3d"))
@@ -72,6 +81,27 @@ def test_prediction_types_and_vae_layout():
     video = torch.rand(1, 4, 3, 32, 32)
     assert unet3d.decode_latents(unet3d.encode_video(video)).shape == video.shape
 
+
+
+def test_flow_x0_returns_the_velocity_of_its_x0_prediction():
+    """flow_x0: the UNet's output is x0_hat and the model returns v = (x_t − x0_hat)/t, t = timestep/1000 floored at
+    min_flow_t; the same weights without it return x0_hat itself."""
+    from lifecycle.models import FramesAsChannelsUNet
+
+    kwargs = {"in_channels": 3, "num_frames": 2, "patch_size": 2, "unet_config": {
+        "block_out_channels": [8, 8], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"], "layers_per_block": 1, "cross_attention_dim": 4,
+        "norm_num_groups": 4}}
+    plain = FramesAsChannelsUNet(**kwargs).eval()
+    flow = FramesAsChannelsUNet(**kwargs, flow_x0=True, min_flow_t=0.05).eval()
+    flow.load_state_dict(plain.state_dict())
+    x, text = torch.randn(3, 3, 2, 8, 8), torch.randn(3, 2, 4)
+    timestep = torch.tensor([800.0, 300.0, 10.0])  # t = 0.8, 0.3 and 0.01 → floored to 0.05
+    with torch.no_grad():
+        x0_hat = plain(x, timestep, text).sample
+        v = flow(x, timestep, text).sample
+    t = torch.tensor([0.8, 0.3, 0.05]).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(v, (x - x0_hat) / t)
 
 
 def test_wan_vae_latent_shape_is_what_it_encodes():

@@ -51,13 +51,13 @@ def test_step_matches_diffusers_ddim_with_the_same_noise(kind, clip, alpha_to_on
     x, out = _randn(2, 3, 2, 4, 4, seed=1), 2 * _randn(2, 3, 2, 4, 4, seed=2)
     for t in s.timesteps:  # the last one steps to final_alpha_cumprod
         expected = s.step(out, t, x, eta=0.7, variance_noise=_randn(2, 3, 2, 4, 4, seed=3)).prev_sample
-        mine, log_prob = ddim_step_with_logprob(s, out, t, x, 0.7, generator=torch.Generator().manual_seed(3))
+        mine, log_prob, _, _ = ddim_step_with_logprob(s, out, t, x, 0.7, generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(mine, expected, rtol=0, atol=1e-6)
         if alpha_to_one and t == s.timesteps[-1]:
             continue  # σ = 0 stepping to ᾱ = 1: no density (why ddpo_scheduler ends at ᾱ_0)
         assert torch.isfinite(log_prob).all()
         # evaluating the drawn sample as a stored transition gives the same log-probability
-        _, again = ddim_step_with_logprob(s, out, t, x, 0.7, prev_sample=mine)
+        again = ddim_step_with_logprob(s, out, t, x, 0.7, prev_sample=mine).log_prob
         torch.testing.assert_close(again, log_prob, rtol=0, atol=1e-6)
 
 
@@ -68,7 +68,7 @@ def test_log_prob_is_the_gaussian_density_of_the_ddim_posterior():
     t = torch.tensor([999, 249])  # previous timesteps 749 and -1 (-> final_alpha_cumprod = ᾱ_0)
     x, eps, x_prev = _randn(2, 3, 1, 4, 4, seed=4), _randn(2, 3, 1, 4, 4, seed=5), _randn(2, 3, 1, 4, 4, seed=6)
     eta = 0.8
-    _, log_prob = ddim_step_with_logprob(s, eps, t, x, eta, prev_sample=x_prev)
+    log_prob = ddim_step_with_logprob(s, eps, t, x, eta, prev_sample=x_prev).log_prob
     for i, (a_t, a_prev) in enumerate([(ac[999], ac[749]), (ac[249], ac[0])]):
         x0 = (x[i].double() - math.sqrt(1 - a_t) * eps[i].double()) / math.sqrt(a_t)
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
@@ -86,7 +86,7 @@ def test_the_steps_own_draws_average_to_the_negative_entropy_of_diffusers_step_n
         ones = torch.ones_like(x)
         sigma = (s.step(out, t, x, eta=0.9, variance_noise=ones).prev_sample
                  - s.step(out, t, x, eta=0.9, variance_noise=0 * ones).prev_sample).mean().item()
-        _, log_prob = ddim_step_with_logprob(s, out, t, x, 0.9, generator=torch.Generator().manual_seed(int(t)))
+        log_prob = ddim_step_with_logprob(s, out, t, x, 0.9, generator=torch.Generator().manual_seed(int(t))).log_prob
         assert log_prob.item() == pytest.approx(-0.5 - math.log(sigma) - 0.5 * math.log(2 * math.pi), abs=0.02), int(t)
 
 

@@ -14,6 +14,7 @@ small default `clip_range` assumes.
 import math
 from collections import deque
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from diffusers import DDIMScheduler
@@ -22,6 +23,16 @@ from torch import Tensor
 
 from .noise import expand_as, to_x0_eps
 from .sampling import Denoise, guided
+
+
+class GaussianStep(NamedTuple):
+    """One stochastic sampling step: the sample, its log-probability (B,), and the Gaussian's mean and std
+    (std broadcastable against the sample). The mean and std give the closed-form KL to a reference policy."""
+
+    sample: Tensor
+    log_prob: Tensor
+    mean: Tensor
+    std: Tensor
 
 
 def ddpo_scheduler(scheduler) -> DDIMScheduler:
@@ -46,8 +57,8 @@ def ddim_step_with_logprob(
     eta: float,
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """One stochastic DDIM step: (x_prev, log N(x_prev; μ, σ_t² I) averaged over non-batch dims (B,)).
+) -> GaussianStep:
+    """One stochastic DDIM step: x_prev, log N(x_prev; μ, σ_t² I) averaged over non-batch dims (B,), μ and σ_t.
 
     `t` is a timestep or one per sample (B,); the previous timestep is t − T/num_inference_steps as in
     `DDIMScheduler.step` (call `set_timesteps` first), ᾱ_prev = `final_alpha_cumprod` past the start.
@@ -76,7 +87,7 @@ def ddim_step_with_logprob(
     else:
         x_prev = prev_sample.detach().float()
     log_prob = -((x_prev.detach() - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-    return x_prev.to(x_t.dtype), log_prob.mean(dim=tuple(range(1, x.ndim)))
+    return GaussianStep(x_prev.to(x_t.dtype), log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std)
 
 
 def guided_prediction(denoise: Denoise, x: Tensor, t: Tensor, cond: tuple[Tensor, ...],
@@ -94,7 +105,7 @@ def transition_log_prob(denoise: Denoise, scheduler: DDIMScheduler, x_t: Tensor,
                         eta: float) -> Tensor:
     """log π_θ(x_prev | x_t, t, c) (B,) of stored transitions under the current weights (graph kept when grad is on)."""
     pred = guided_prediction(denoise, x_t, t, cond, uncond, guidance_scale)
-    return ddim_step_with_logprob(scheduler, pred, t, x_t, eta, prev_sample=x_prev)[1]
+    return ddim_step_with_logprob(scheduler, pred, t, x_t, eta, prev_sample=x_prev).log_prob
 
 
 def sample_with_logprob(denoise: Denoise, scheduler: DDIMScheduler, noise: Tensor, cond: tuple[Tensor, ...],
@@ -110,7 +121,7 @@ def sample_with_logprob(denoise: Denoise, scheduler: DDIMScheduler, noise: Tenso
     latents, log_probs = [x], []
     for t in scheduler.timesteps:
         pred = guided_prediction(denoise, x, t.expand(x.shape[0]), cond, uncond, guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, pred, t, x, eta, generator=generator)
+        x, log_prob, _, _ = ddim_step_with_logprob(scheduler, pred, t, x, eta, generator=generator)
         latents.append(x)
         log_probs.append(log_prob)
     return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), scheduler.timesteps
