@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 
 from .helpers import compose_cfg
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.curation.annotate import annotate, describe_motion, frame_difference, global_shift
 from lifecycle.curation.curate import run
 from lifecycle.curation.dedup import find_duplicates, thumbnail_embedding

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data import synthetic
 from lifecycle.data.preferences import collate_pairs, read_pairs, write_pairs
 from lifecycle.diffusion.dpo import dpo_loss

@@ -9,7 +9,7 @@ import pytest
 
 from lifecycle import outputs
 from lifecycle.bench import compare
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.metrics.report import read_gif
 
 from .helpers import compose_cfg

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data.curriculum import Curriculum
 from lifecycle.data.latent_cache import write
 from lifecycle.data.shards import CurriculumStream, list_shards

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data.video_io import write_atomically
 from lifecycle.rundir import RunDirLock, claim, recover_export
 from lifecycle.train import export, fit

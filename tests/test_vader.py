@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.diffusion.sampling import sample
 from lifecycle.stages.vader import frame_subset, truncation_steps
 

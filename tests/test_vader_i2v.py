@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from lifecycle.config import ConfigError, validate
+from lifecycle.config import validate
+from lifecycle.errors import ConfigError
 from lifecycle.data.conditioning import condition_images, conditioning, folder_images, prompt_attributes
 from lifecycle.data.synthetic import BACKGROUNDS, COLOURS
 from lifecycle.data.video_io import decode_video

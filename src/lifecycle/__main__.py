@@ -10,16 +10,15 @@ from hydra.utils import get_method
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from .checkpointing import CheckpointWriteError
-from .config import CONF_DIR, ConfigError, validate
-from .data.shards import DataError
+from . import CONF_DIR
+from .config import validate
 from .data.video_io import write_atomically
+from .errors import CheckpointWriteError, ConfigError, DataError, DivergenceError
 from .outputs import configure as configure_outputs
 from .recipes import run_recipe
 from .rundir import claim
 from .secrets import protect, redact, secret_values
 from .signals import Interrupted
-from .stages.guard import DivergenceError
 from .summary import summary
 
 log = logging.getLogger("lifecycle")

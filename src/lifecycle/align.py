@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.reward_curve import reward_curve
-from .config import ConfigError
+from .errors import ConfigError
 from .data.conditioning import conditioning
 from .data.prompts import load_prompts
 from .metrics.reward_table import evaluate, write_table

@@ -18,16 +18,14 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import CONF_DIR
 from .data.prompts import load_prompts
 from .data.shards import SPLITS, list_shards
 from .diffusion.noise import FLOW_T_SCHEMES, PREDICTION_KINDS
+from .errors import ConfigError
 from .rewards.base import Reward
 
-CONF_DIR = os.environ.get("LIFECYCLE_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as `key: what is wrong`."""
 
 
 @dataclass
@@ -985,7 +983,7 @@ def _check_metrics(cfg: DictConfig) -> None:
 
 def _validation_scores(cfg: DictConfig) -> list[str]:
     """The scores `stage.validation` logs as val/<name> (lifecycle.callbacks.validation)."""
-    from .metrics.oracle import ORACLE_COLUMNS
+    from .data.oracle import ORACLE_COLUMNS
 
     val, m = cfg.stage.validation, cfg.metrics
     scores = list(ORACLE_COLUMNS) if val.oracle else []

@@ -28,7 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, later, validate
+from .config import later, validate
+from .errors import ConfigError
 from .outputs import configure as configure_outputs
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks.ema import EMA
 from .callbacks.validation import Validation, best_checkpoint
 from .checkpointing import AtomicCheckpointIO, newest_checkpoint, read_checkpoint, remove_hpc_checkpoints
-from .config import ConfigError
+from .errors import ConfigError
 from .data.curriculum import Curriculum
 from .data.datamodule import ShardDataModule
 from .data.latent_cache import check_cache, read_manifest

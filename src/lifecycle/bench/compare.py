@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
-from ..__main__ import CONF_DIR
+from .. import CONF_DIR
 from ..config import validate
 from ..data.prompts import load_prompts
 

@@ -35,7 +35,8 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..config import CONF_DIR, validate
+from .. import CONF_DIR
+from ..config import validate
 from ..models.stand_ins import REWARD_KEYS, model_folder, reward_folder
 from ..outputs import configure as configure_outputs
 from ..recipes import load_recipe

@@ -39,7 +39,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import get_available_flops
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..__main__ import CONF_DIR
+from .. import CONF_DIR
 from ..config import TrainerSchema
 from ..data.curriculum import Curriculum
 from ..data.prompts import vocabulary

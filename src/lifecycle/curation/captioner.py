@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data.synthetic import ATTRIBUTES
-from ..metrics import oracle
+from ..data import oracle
 from .annotate import annotate, describe_motion
 from .media import decode
 

@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..config import CONF_DIR, ConfigError
+from .. import CONF_DIR
+from ..errors import ConfigError
 from ..data.video_io import write_atomically
 from ..rewards.base import WeightedSum, build_reward
 from .annotate import annotate, frame_difference

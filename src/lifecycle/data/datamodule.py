@@ -6,7 +6,7 @@ import lightning as L
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..signals import worker_signals
 from .curriculum import Curriculum
 from .select import Selection

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..models import build_bundle
 from .shards import CACHE_KEYS, decode_sample, list_shards, resize_clip
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ..callbacks.reward_curve import reward_curve
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.prompts import PromptStream, load_prompts
 from ..distributed import shard
 from ..diffusion.ddpo import (

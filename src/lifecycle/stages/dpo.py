@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..callbacks.reward_curve import reward_curve
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.preferences import PairDataModule, read_manifest
 from ..data.prompts import load_prompts
 from ..diffusion import noise as nz

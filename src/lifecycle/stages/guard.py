@@ -2,9 +2,7 @@
 
 import math
 
-
-class DivergenceError(RuntimeError):
-    """Raised when the guard is set to stop; the last good checkpoint is left untouched."""
+from ..errors import DivergenceError
 
 
 class LossGuard:

@@ -20,8 +20,8 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ..callbacks.samples import to_uint8
-from ..config import ConfigError
+from ..outputs.samples import to_uint8
+from ..errors import ConfigError
 from ..data.preferences import load_pickapic, read_manifest, write_pairs
 from ..data.prompts import load_prompts
 from ..models import build_bundle
