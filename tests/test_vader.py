@@ -87,7 +87,7 @@ def test_truncation_modes_and_frame_subsets():
 def test_the_stage_backpropagates_through_exactly_its_last_k_sampling_steps(tmp_path, synthetic_shards, monkeypatch,
                                                                            mode, k):
     """The stage's own sampling (4 steps), not only the sampler: gradients on in the last K denoiser calls alone."""
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     steps = record_vader_sampling(monkeypatch)
     vader(compose_cfg(tmp_path, *FAST, "stage.steps=3", "stage.evaluation.batch_size=2",
@@ -108,7 +108,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_vader_raises_the_reward_and_leaves_table_samples_and_export(tmp_path, synthetic_shards):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
     from lifecycle.models import ModelBundle
 
     cfg = compose_cfg(tmp_path, *FAST, "stage.steps=10", shards=synthetic_shards)
@@ -139,7 +139,7 @@ def test_vader_raises_the_reward_and_leaves_table_samples_and_export(tmp_path, s
 ])
 def test_memory_and_optimisation_options_train(tmp_path, synthetic_shards, option):
     """Each option runs VADER steps that change the LoRA weights and log a finite reward."""
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
     from lifecycle.models import ModelBundle
 
     cfg = compose_cfg(tmp_path, *FAST, "stage.steps=2", "stage.evaluation.batch_size=2", option, shards=synthetic_shards)
@@ -156,7 +156,7 @@ def test_memory_and_optimisation_options_train(tmp_path, synthetic_shards, optio
 
 
 def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthetic_shards, monkeypatch):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
     from lifecycle.stages.vader import VaderStage
 
     short = [*FAST, "stage.evaluation.batch_size=2", "stage.curve.every_n_steps=2", "stage.curve.num_steps=2"]
@@ -196,7 +196,7 @@ def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthet
     ("tiny_wan", ["stage.frames=4", "stage.resolution=16"]),  # flow matching: the Euler sampler
 ])
 def test_vader_on_each_denoiser_family_with_checkpointing(tmp_path, synthetic_shards, model, extra):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     from hydra import compose, initialize_config_dir
 
