@@ -9,6 +9,7 @@ their arguments matched against the signature, and stage/model/reward combinatio
 refused, each as one line `key: what is wrong`.
 """
 
+import importlib
 import inspect
 import json
 import os
@@ -357,14 +358,21 @@ def _check_literal_secrets(cfg: DictConfig) -> None:
 
 
 def stage_config(stage: DictConfig) -> type:
-    """The `Config` dataclass of the stage `stage.run` names: it lives in that function's module."""
+    """The `Config` dataclass of the stage: the one beside the function `stage.run` names, else (a run function
+    standing in for a stage's) that of `lifecycle.stages.<stage.name>`."""
     run = stage.get("run")
     if not isinstance(run, str) or "." not in run:
         raise ConfigError(f"stage.run: {run!r} is not the dotted path of a stage's run function")
     module = import_path("stage.run", run.rpartition(".")[0])
     config = getattr(module, "Config", None)
+    if not isinstance(config, type) and isinstance(stage.get("name"), str):
+        try:
+            config = getattr(importlib.import_module(f"lifecycle.stages.{stage.name}"), "Config", None)
+        except ImportError:
+            config = None
     if not isinstance(config, type):
-        raise ConfigError(f"stage.run: {module.__name__} has no stage Config (lifecycle.stages.base)")
+        raise ConfigError(f"stage.run: {module.__name__} has no stage Config (lifecycle.stages.base), nor is "
+                          f"stage.name {stage.get('name')!r} a stage of lifecycle.stages")
     return config
 
 
