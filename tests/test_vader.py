@@ -180,7 +180,8 @@ def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthet
     assert a["state_dict"] and all("lora" in k for k in a["state_dict"])  # only the trained weights are saved
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
-    assert a["lifecycle"] == b["lifecycle"] == {"batches_seen": 6}
+    assert a["lifecycle"] == b["lifecycle"] and a["lifecycle"]["batches_seen"] == 6  # and the guard's state
+    assert a["lifecycle"]["guard"]["seen"] == 6 and a["lifecycle"]["guard"]["rejected"] == 0
     # the reward curve: measured before training and every 2 steps, queries = steps x batch 2; the resumed
     # run re-measures only what came after its checkpoint (step 3) and reaches the same rewards
     curves = [[json.loads(line) for line in (d / "curve.jsonl").read_text().splitlines()] for d in (straight, resumed)]
