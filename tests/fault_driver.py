@@ -28,7 +28,7 @@ def die() -> None:
 
 
 def kill_at_step(n: int) -> None:
-    from lifecycle.stages.denoise import DenoiseStage
+    from lifecycle.stages.pretrain import DenoiseStage
 
     original = DenoiseStage.training_step
 
@@ -41,7 +41,7 @@ def kill_at_step(n: int) -> None:
 
 
 def signal_at_step(n: int, signum: int, group: bool = False) -> None:
-    from lifecycle.stages.denoise import DenoiseStage
+    from lifecycle.stages.pretrain import DenoiseStage
 
     original = DenoiseStage.training_step
 
@@ -74,7 +74,7 @@ def slow_data() -> None:
 
 
 def requeue_at_step(n: int) -> None:
-    from lifecycle.stages.denoise import DenoiseStage
+    from lifecycle.stages.pretrain import DenoiseStage
 
     original = DenoiseStage.training_step
 

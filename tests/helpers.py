@@ -25,11 +25,11 @@ def compose_cfg(run_dir, *overrides, shards=None, tiny: bool = True):
 
 
 def record_vader_sampling(monkeypatch) -> list[tuple[int, list[bool]]]:
-    """Make runs of `lifecycle.align.vader` record each training step as (the number of last sampling steps the
+    """Make runs of `lifecycle.stages.vader.run` record each training step as (the number of last sampling steps the
     stage drew to keep gradients, whether gradients were on in each denoiser call of the stage's own sampling)."""
     import torch
 
-    import lifecycle.align
+    import lifecycle.stages.vader
     from lifecycle.stages.vader import VaderStage, truncation_steps
 
     steps = []
@@ -51,5 +51,5 @@ def record_vader_sampling(monkeypatch) -> list[tuple[int, list[bool]]]:
                 del self.bundle.denoise
                 steps.append((drawn, calls))
 
-    monkeypatch.setattr(lifecycle.align, "VaderStage", Recording)
+    monkeypatch.setattr(lifecycle.stages.vader, "VaderStage", Recording)
     return steps

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data.curriculum import Curriculum
 from lifecycle.data.shards import CurriculumStream, balanced, list_shards
 from .helpers import compose_cfg

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 
 from .helpers import compose_cfg
 
@@ -74,7 +74,7 @@ def test_unknown_stage_is_named(tmp_path):
 
 
 def test_frame_count_the_model_cannot_take_is_a_config_error(tmp_path, synthetic_shards):
-    from lifecycle.train import fit
+    from lifecycle.stages.pretrain import run as fit
 
     cfg = compose_cfg(tmp_path, "stage.curriculum=[{name:a,resolution:16,frames:4,batch_size:2,steps:1}]",
                       shards=synthetic_shards)

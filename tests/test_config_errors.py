@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.rewards import Reward
 
 from .helpers import compose_cfg

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.curation.annotate import annotate, describe_motion, frame_difference, global_shift
 from lifecycle.curation.curate import WORK, deduplicate, run
 from lifecycle.curation.dedup import find_duplicates, near_pairs, thumbnail_embedding

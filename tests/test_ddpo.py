@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.diffusion.ddpo import (
     PerPromptStatTracker,
     ddim_step_with_logprob,

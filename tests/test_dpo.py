@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data import synthetic
 from lifecycle.data.preferences import collate_pairs, read_pairs, write_pairs
 from lifecycle.diffusion.dpo import dpo_loss
@@ -85,7 +85,7 @@ def _batch(pairs, resolution: int):
 def _stage(tmp_path, pairs, *overrides):
     from lifecycle.models import build_bundle
     from lifecycle.stages.dpo import DPOStage
-    from lifecycle.train import make_trainable
+    from lifecycle.stages.runner import make_trainable
 
     cfg = compose_cfg(tmp_path, *TRAIN, f"stage.pairs={pairs}", "stage.resolution=16", *overrides)
     torch.manual_seed(0)

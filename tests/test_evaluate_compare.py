@@ -9,8 +9,8 @@ import pytest
 
 from lifecycle import outputs
 from lifecycle.bench import compare
-from lifecycle.config import ConfigError
 from lifecycle.data.video_io import decode_video
+from lifecycle.errors import ConfigError
 
 from .helpers import compose_cfg
 
@@ -22,7 +22,7 @@ PROMPTS = ["prompts.train=[a large red circle moving left quickly on a black bac
 
 def test_evaluate_scores_each_export_on_the_same_noise(tmp_path):
     from lifecycle.models import build_bundle
-    from lifecycle.stages.evaluate import run
+    from lifecycle.stages.eval import run
 
     cfg = compose_cfg(tmp_path / "build")
     for seed, name in ((0, "a"), (1, "b")):
@@ -143,7 +143,7 @@ def test_grid_columns_are_labelled_with_their_prompts_wrapped_to_the_cell():
 @pytest.mark.parametrize("model, frames", [("tiny_image", 1), ("tiny_svd", 8)])
 def test_eval_takes_image_and_image_to_video_exports(tmp_path, model, frames):
     from lifecycle.models import build_bundle
-    from lifecycle.stages.evaluate import run
+    from lifecycle.stages.eval import run
 
     L.seed_everything(0)
     build_bundle(compose_cfg(tmp_path / "build", f"model={model}", tiny=False).model).save_pretrained(tmp_path / "m")

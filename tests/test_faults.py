@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-from lifecycle.checkpointing import CheckpointWriteError, newest_checkpoint
+from lifecycle.checkpointing import newest_checkpoint
 from lifecycle.data.shards import list_shards
 from lifecycle.data.video_io import encode_video
-from lifecycle.stages.denoise import DenoiseStage
-from lifecycle.stages.guard import DivergenceError
-from lifecycle.train import fit
+from lifecycle.stages.pretrain import DenoiseStage
+from lifecycle.errors import CheckpointWriteError, DivergenceError
+from lifecycle.stages.pretrain import run as fit
 
 from .helpers import TINY, compose_cfg
 

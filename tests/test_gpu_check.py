@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from lifecycle.bench.gpu_check import REAL
 from lifecycle.config import validate
 from lifecycle.recipes import RECIPES_DIR, load_recipe
-from lifecycle.train import stage_device
+from lifecycle.stages.runner import stage_device
 
 from .helpers import CONF_DIR
 

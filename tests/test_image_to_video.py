@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from lifecycle.config import validate
 from lifecycle.diffusion.sampling import sample
 from lifecycle.models import ModelBundle, build_bundle
-from lifecycle.rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize
+from lifecycle.models.preprocess import CLIP_MEAN, CLIP_STD, normalize
 
 from .helpers import CONF_DIR
 

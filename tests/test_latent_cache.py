@@ -6,13 +6,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data.curriculum import Curriculum
-from lifecycle.data.latent_cache import write
+from lifecycle.stages.latent_cache import run as write
 from lifecycle.data.shards import CurriculumStream, list_shards
 from lifecycle.models import ModelBundle, build_bundle
-from lifecycle.stages.denoise import DenoiseStage
-from lifecycle.train import fit
+from lifecycle.stages.pretrain import DenoiseStage
+from lifecycle.stages.pretrain import run as fit
 
 from .helpers import compose_cfg as compose_default
 

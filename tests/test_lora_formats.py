@@ -108,7 +108,7 @@ def test_a_wan_module_the_layout_cannot_name_is_refused(tmp_path):
 
 
 def test_a_layout_the_model_cannot_take_is_a_start_up_error(tmp_path):
-    from lifecycle.config import ConfigError
+    from lifecycle.errors import ConfigError
 
     from .helpers import compose_cfg
 

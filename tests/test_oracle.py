@@ -16,7 +16,7 @@ from lifecycle.data.synthetic import (
     sample_metadata,
 )
 from lifecycle.data.video_io import decode_video, encode_video
-from lifecycle.metrics.oracle import (
+from lifecycle.data.oracle import (
     NONE,
     colour_votes,
     displacement,

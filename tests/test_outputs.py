@@ -10,8 +10,8 @@ import torch
 from imwatermark import WatermarkDecoder, WatermarkEncoder
 
 from lifecycle import __version__, outputs
-from lifecycle.callbacks.samples import write_samples
-from lifecycle.config import ConfigError
+from lifecycle.outputs.samples import write_samples
+from lifecycle.errors import ConfigError
 from lifecycle.curation.safety import SafetyFilter
 from lifecycle.data.synthetic import prompt_metadata, render_clip
 from lifecycle.data.video_io import decode_video, write_video

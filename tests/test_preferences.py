@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data.preferences import (
     PairStream, held_out, load_pickapic, pair_batches, read_manifest, read_pairs, write_pairs,
 )

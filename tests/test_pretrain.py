@@ -10,9 +10,9 @@ import torch
 from lifecycle.bench.train_step import Case, build
 from lifecycle.data.curriculum import Curriculum
 from lifecycle.models import ModelBundle
-from lifecycle.stages.denoise import DenoiseStage
-from lifecycle.stages.guard import DivergenceError
-from lifecycle.train import fit
+from lifecycle.stages.pretrain import DenoiseStage
+from lifecycle.errors import DivergenceError
+from lifecycle.stages.pretrain import run as fit
 
 from .helpers import compose_cfg
 

@@ -4,11 +4,11 @@ changes one fails here with its name, before the code that uses it fails in a le
 | API | used in | relied on for |
 |---|---|---|
 | `hydra._internal.utils._locate` | config.py `_import` | importing a `_target_` at start-up without building it |
-| `lightning.fabric.strategies.fsdp._is_sharded_checkpoint` | checkpointing.py, train.py | FSDP checkpoint folders |
+| `lightning.fabric.strategies.fsdp._is_sharded_checkpoint` | checkpointing.py, stages/runner.py | FSDP checkpoint folders |
 | `lightning.fabric.utilities.load._METADATA_FILENAME` | checkpointing.py, distributed.py | the metadata file in such a folder |
 | `Trainer._logger_connector.should_update_logs` | stages/optim.py `log_step` | logging only on the steps the loggers write |
-| `torch._subclasses.fake_tensor.FakeTensorMode` | stages/denoise.py `denoiser_flops` | counting FLOPs without computing |
-| `torch.nn.Module._compiled_call_impl` | stages/denoise.py `denoiser_flops` | counting a compiled denoiser eagerly |
+| `torch._subclasses.fake_tensor.FakeTensorMode` | stages/pretrain.py `denoiser_flops` | counting FLOPs without computing |
+| `torch.nn.Module._compiled_call_impl` | stages/pretrain.py `denoiser_flops` | counting a compiled denoiser eagerly |
 | `torch.nn.modules.batchnorm._NormBase` | models/memory.py `NORM_LAYERS` | keeping norm layers in fp32 |
 | `torch._foreach_lerp_` | callbacks/ema.py | the EMA update in one call |
 | diffusers `ModelMixin._supports_gradient_checkpointing` | models/memory.py | which denoisers checkpoint natively |

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.recipes import _fill, load_recipe, run_recipe
 
 from .helpers import CONF_DIR, TINY

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
-from lifecycle.train import fit
+from lifecycle.stages.pretrain import run as fit
 
 from .helpers import TINY, compose_cfg
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data.preferences import held_out, read_pairs, write_pairs
 from lifecycle.data.synthetic import COLOURS, caption, render_clip, sample_metadata
 from lifecycle.models.text import word_tokenizer

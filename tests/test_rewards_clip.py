@@ -13,7 +13,7 @@ from lifecycle.models.text import word_tokenizer
 from lifecycle.rewards.base import build_reward
 from lifecycle.rewards.clip import AestheticReward, ClipScore, HPSReward, PickScore
 from lifecycle.rewards.farm import FARMReward
-from lifecycle.rewards.preprocess import prepare
+from lifecycle.models.preprocess import prepare
 
 from .helpers import CONF_DIR
 

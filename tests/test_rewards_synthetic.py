@@ -17,7 +17,7 @@ from lifecycle.data.synthetic import (
     render_clip,
     sample_metadata,
 )
-from lifecycle.metrics.oracle import dominant_colour, motion_direction
+from lifecycle.data.oracle import dominant_colour, motion_direction
 from lifecycle.rewards.base import build_reward
 from lifecycle.rewards.synthetic import (
     HUE_EPS,

@@ -19,7 +19,7 @@ from lifecycle.rewards.action import ActionReward
 from lifecycle.rewards.base import build_reward
 from lifecycle.rewards.detector import ObjectReward
 from lifecycle.rewards.frames import resample_frames, resolve_label
-from lifecycle.rewards.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
+from lifecycle.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 from lifecycle.rewards.vjepa import VJEPAReward
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "reward"

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.data.video_io import write_atomically
 from lifecycle.rundir import RunDirLock, claim, recover_export
-from lifecycle.train import export, fit
+from lifecycle.stages.pretrain import run as fit
+from lifecycle.stages.runner import export
 
 from .helpers import TINY, compose_cfg
 

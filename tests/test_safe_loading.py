@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from lifecycle.models import ModelBundle, build_bundle
 from lifecycle.models.folded_unet import FramesAsChannelsUNet
 from lifecycle.secrets import MARKER, is_secret_name, protect, redact
-from lifecycle.train import lineage
+from lifecycle.stages.runner import lineage
 
 from .helpers import compose_cfg
 
@@ -255,7 +255,7 @@ def test_a_failing_run_logs_its_error_masked_and_hydra_prints_no_overrides(tmp_p
 
 def test_wandb_run_metadata_holds_no_secret(tmp_path, synthetic_shards, monkeypatch):
     """wandb records the command line in its run metadata, which `wandb sync` uploads."""
-    from lifecycle.train import fit
+    from lifecycle.stages.pretrain import run as fit
 
     import wandb
 
@@ -276,7 +276,7 @@ def test_wandb_run_metadata_holds_no_secret(tmp_path, synthetic_shards, monkeypa
 
 
 def test_resuming_a_tampered_checkpoint_runs_none_of_its_code(tmp_path, synthetic_shards):
-    from lifecycle.train import fit
+    from lifecycle.stages.pretrain import run as fit
 
     marker = tmp_path / "code-ran"
     (tmp_path / "checkpoints").mkdir()

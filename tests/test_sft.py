@@ -40,7 +40,7 @@ def test_stream_yields_only_the_selected_subset(synthetic_shards):
 
 
 def _pretrain(tmp_path, shards):
-    from lifecycle.train import fit
+    from lifecycle.stages.pretrain import run as fit
 
     fit(compose_cfg(tmp_path / "pre", *TINY_RUN, shards=shards))
     return tmp_path / "pre" / "export"
@@ -50,7 +50,7 @@ def _pretrain(tmp_path, shards):
 def test_sft_lora_from_an_export_trains_only_the_denoiser_lora(tmp_path, synthetic_shards, export):
     from lifecycle.models import ModelBundle
     from lifecycle.models.lora import has_lora
-    from lifecycle.train import fit
+    from lifecycle.stages.pretrain import run as fit
 
     parent = _pretrain(tmp_path, synthetic_shards)
     run = tmp_path / "sft"

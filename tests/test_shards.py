@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lifecycle.data.curriculum import Curriculum
-from lifecycle.data.shards import CurriculumStream, DataError, as_uint8, list_shards, resize_clip
+from lifecycle.data.shards import CurriculumStream, as_uint8, list_shards, resize_clip
+from lifecycle.errors import DataError
 
 PHASES = [
     {"name": "low", "resolution": 16, "frames": 4, "batch_size": 6, "steps": 3},

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from lifecycle.config import ConfigError
+from lifecycle.errors import ConfigError
 from lifecycle.diffusion.sampling import sample
 from lifecycle.stages.vader import frame_subset, truncation_steps
 
@@ -87,7 +87,7 @@ def test_truncation_modes_and_frame_subsets():
 def test_the_stage_backpropagates_through_exactly_its_last_k_sampling_steps(tmp_path, synthetic_shards, monkeypatch,
                                                                            mode, k):
     """The stage's own sampling (4 steps), not only the sampler: gradients on in the last K denoiser calls alone."""
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     steps = record_vader_sampling(monkeypatch)
     vader(compose_cfg(tmp_path, *FAST, "stage.steps=3", "stage.evaluation.batch_size=2",
@@ -108,7 +108,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_vader_raises_the_reward_and_leaves_table_samples_and_export(tmp_path, synthetic_shards):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
     from lifecycle.models import ModelBundle
 
     cfg = compose_cfg(tmp_path, *FAST, "stage.steps=10", shards=synthetic_shards)
@@ -139,7 +139,7 @@ def test_vader_raises_the_reward_and_leaves_table_samples_and_export(tmp_path, s
 ])
 def test_memory_and_optimisation_options_train(tmp_path, synthetic_shards, option):
     """Each option runs VADER steps that change the LoRA weights and log a finite reward."""
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
     from lifecycle.models import ModelBundle
 
     cfg = compose_cfg(tmp_path, *FAST, "stage.steps=2", "stage.evaluation.batch_size=2", option, shards=synthetic_shards)
@@ -156,7 +156,7 @@ def test_memory_and_optimisation_options_train(tmp_path, synthetic_shards, optio
 
 
 def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthetic_shards, monkeypatch):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
     from lifecycle.stages.vader import VaderStage
 
     short = [*FAST, "stage.evaluation.batch_size=2", "stage.curve.every_n_steps=2", "stage.curve.num_steps=2"]
@@ -180,7 +180,8 @@ def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthet
     assert a["state_dict"] and all("lora" in k for k in a["state_dict"])  # only the trained weights are saved
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
-    assert a["lifecycle"] == b["lifecycle"] == {"batches_seen": 6}
+    assert a["lifecycle"] == b["lifecycle"] and a["lifecycle"]["batches_seen"] == 6  # and the guard's state
+    assert a["lifecycle"]["guard"]["seen"] == 6 and a["lifecycle"]["guard"]["rejected"] == 0
     # the reward curve: measured before training and every 2 steps, queries = steps x batch 2; the resumed
     # run re-measures only what came after its checkpoint (step 3) and reaches the same rewards
     curves = [[json.loads(line) for line in (d / "curve.jsonl").read_text().splitlines()] for d in (straight, resumed)]
@@ -196,7 +197,7 @@ def test_interrupted_and_resumed_vader_ends_with_the_same_lora(tmp_path, synthet
     ("tiny_wan", ["stage.frames=4", "stage.resolution=16"]),  # flow matching: the Euler sampler
 ])
 def test_vader_on_each_denoiser_family_with_checkpointing(tmp_path, synthetic_shards, model, extra):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     from hydra import compose, initialize_config_dir
 

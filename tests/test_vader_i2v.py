@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from lifecycle.config import ConfigError, validate
+from lifecycle.config import validate
+from lifecycle.errors import ConfigError
 from lifecycle.data.conditioning import condition_images, conditioning, folder_images, prompt_attributes
 from lifecycle.data.synthetic import BACKGROUNDS, COLOURS
 from lifecycle.data.video_io import decode_video
@@ -38,8 +39,8 @@ def svd_cfg(tmp_path, *overrides, model="tiny_svd", reward="temporal"):
 
 @pytest.fixture
 def captured(monkeypatch):
-    """Runs of lifecycle.align.vader record their VaderStage and its trainable weights before fitting."""
-    import lifecycle.align
+    """Runs of lifecycle.stages.vader.run record their VaderStage and its trainable weights before fitting."""
+    import lifecycle.stages.vader
     from lifecycle.stages.vader import VaderStage
 
     seen = {}
@@ -49,7 +50,7 @@ def captured(monkeypatch):
             seen["module"] = self
             seen["initial"] = {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
-    monkeypatch.setattr(lifecycle.align, "VaderStage", Recording)
+    monkeypatch.setattr(lifecycle.stages.vader, "VaderStage", Recording)
     return seen
 
 
@@ -117,7 +118,7 @@ def test_config_keys_are_checked(tmp_path):
 
 
 def test_long_horizon_needs_an_image_to_video_model(tmp_path):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     cfg = svd_cfg(tmp_path, *TINY, "stage.clips=2", model="tiny_video")
     with pytest.raises(ConfigError, match="stage.clips"):
@@ -125,7 +126,7 @@ def test_long_horizon_needs_an_image_to_video_model(tmp_path):
 
 
 def test_vader_aligns_an_image_to_video_model_for_temporal_consistency(tmp_path, captured):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     result = vader(svd_cfg(tmp_path, "stage.steps=8"))
     assert result["steps"] == 8
@@ -142,7 +143,7 @@ def test_vader_aligns_an_image_to_video_model_for_temporal_consistency(tmp_path,
 
 
 def test_vader_with_a_prompt_reward_on_an_image_to_video_model(tmp_path, captured):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     vader(svd_cfg(tmp_path, reward="colour"))
     assert (tmp_path / "report" / "table.md").read_text().count("|") > 10
@@ -155,7 +156,7 @@ def test_vader_with_a_prompt_reward_on_an_image_to_video_model(tmp_path, capture
 @pytest.mark.parametrize("mode", ["last", "rand"])
 def test_the_stage_backpropagates_through_the_last_step_of_the_last_clip_only(tmp_path, monkeypatch, mode):
     """Two clips of 4 sampling steps, K = 1: the first clip without gradients, the second through its last step."""
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     steps = record_vader_sampling(monkeypatch)
     vader(svd_cfg(tmp_path, "stage.clips=2", "stage.sampling.num_steps=4", "stage.sampling.grad_steps=1",
@@ -164,7 +165,7 @@ def test_the_stage_backpropagates_through_the_last_step_of_the_last_clip_only(tm
 
 
 def test_long_horizon_scores_every_clip_and_trains_only_through_the_last(tmp_path, captured):
-    from lifecycle.align import vader
+    from lifecycle.stages.vader import run as vader
 
     vader(svd_cfg(tmp_path, "stage.clips=2"))
     video = decode_video((tmp_path / "samples" / "before" / "train" / "000.mp4").read_bytes())

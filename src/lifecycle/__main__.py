@@ -6,20 +6,17 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.utils import get_method
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from .checkpointing import CheckpointWriteError
-from .config import CONF_DIR, ConfigError, validate
-from .data.shards import DataError
+from . import CONF_DIR
 from .data.video_io import write_atomically
-from .outputs import configure as configure_outputs
+from .errors import CheckpointWriteError, ConfigError, DataError, DivergenceError
+from .launch import run_stage
 from .recipes import run_recipe
 from .rundir import claim
 from .secrets import protect, redact, secret_values
 from .signals import Interrupted
-from .stages.guard import DivergenceError
 from .summary import summary
 
 log = logging.getLogger("lifecycle")
@@ -55,9 +52,7 @@ def main(cfg: DictConfig):
         if cfg.get("recipe"):
             result = run_recipe(cfg)
         else:
-            cfg = validate(cfg)
-            configure_outputs(cfg)
-            result = get_method(cfg.stage.run)(cfg)
+            result = run_stage(cfg)
         write_result(result, cfg)
     except ConfigError as e:
         log.error("config error: %s", e)

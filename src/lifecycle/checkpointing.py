@@ -19,13 +19,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 
+from .errors import CheckpointWriteError
+
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 log = logging.getLogger(__name__)
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"  # Lightning's SLURM requeue checkpoints, in the run directory
 
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written; the previous one at that path (if any) is intact."""
 
 
 def staging_path(path: Path) -> Path:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, later, validate
-from .outputs import configure as configure_outputs
+from .config import later, validate
+from .errors import ConfigError
+from .launch import run_stage
 
 log = logging.getLogger(__name__)
 RECIPES_DIR = Path(os.environ.get("LIFECYCLE_RECIPES", Path(__file__).resolve().parents[2] / "recipes"))
@@ -115,11 +115,9 @@ def run_recipe(cfg: DictConfig) -> dict:
             results[s.name] = json.loads(done.read_text())
             log.info("recipe %s: stage %s already done, skipped", cfg.recipe, s.name)
         else:
-            stage_cfg = validate(compose("config", overrides=_overrides(cfg, recipe, s, run_dir, dirs, model)))
             log.info("recipe %s: stage %s in %s", cfg.recipe, s.name, run_dir)
             began = time.time()
-            configure_outputs(stage_cfg)
-            result = get_method(stage_cfg.stage.run)(stage_cfg) or {}
+            result = run_stage(compose("config", overrides=_overrides(cfg, recipe, s, run_dir, dirs, model))) or {}
             results[s.name] = {**result, "seconds": round(time.time() - began, 1)}
             run_dir.mkdir(parents=True, exist_ok=True)
             tmp = done.with_suffix(".tmp")

@@ -16,7 +16,7 @@ import logging
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError
+from .errors import ConfigError
 from .secrets import redact, secret_values
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from .checkpointing import HPC_CHECKPOINTS
-from .config import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 LOCK = ".lock"

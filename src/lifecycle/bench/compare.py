@@ -22,12 +22,11 @@ import statistics
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_method
 from omegaconf import DictConfig
 
-from ..__main__ import CONF_DIR
-from ..config import validate
+from .. import CONF_DIR
 from ..data.prompts import load_prompts
+from ..launch import run_stage
 
 CANDIDATES = 4  # videos per prompt for the DPO pairs
 POINTS = 8  # curve measurements per run, besides the one before training
@@ -39,10 +38,9 @@ def config(overrides: list[str]) -> DictConfig:
         return compose("config", overrides=overrides)
 
 
-def run_stage(overrides: list[str]) -> dict:
-    """Compose the config with `overrides`, validate it and run its stage, as `python -m lifecycle` does."""
-    cfg = validate(config(overrides))
-    return get_method(cfg.stage.run)(cfg)
+def run_overrides(overrides: list[str]) -> dict:
+    """Compose the config with `overrides` and run its stage as `python -m lifecycle` does (`run_stage`)."""
+    return run_stage(config(overrides))
 
 
 def plans(pretrained: str, seed: int, queries: int, out: Path, prompts: int, extra: list[str]) -> dict[str, list]:
@@ -170,7 +168,7 @@ def main() -> None:
         for method, runs in plans(str(Path(args.pretrained).resolve()), seed, args.queries, out, prompts,
                                   overrides).items():
             for run in runs:
-                run_stage(run)
+                run_overrides(run)
             results.setdefault(method, {})[seed] = collect(out, method, seed)
     reward = next(o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("reward="))
     print(report(results, reward, args.queries, out))

@@ -31,13 +31,12 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_method
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..config import CONF_DIR, validate
+from .. import CONF_DIR
+from ..launch import run_stage
 from ..models.stand_ins import REWARD_KEYS, model_folder, reward_folder
-from ..outputs import configure as configure_outputs
 from ..recipes import load_recipe
 from ..summary import headline, seconds
 from . import train_step
@@ -195,13 +194,17 @@ def child(result: Path, overrides: list[str]) -> None:
 
     register_optimizer_step_post_hook(step_end)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = validate(compose("config", overrides=overrides))
-    configure_outputs(cfg)
-    began = time.perf_counter()
+        cfg = compose("config", overrides=overrides)
+    started = {}
+
+    def start(validated: DictConfig) -> None:
+        started.update(cfg=validated, at=time.perf_counter())
+
     try:
-        get_method(cfg.stage.run)(cfg)
+        run_stage(cfg, on_start=start)
     finally:  # the steps measured so far are kept when the stage fails after training (its evaluation, export)
-        write_measurements(result, cfg, marks, peaks, began)
+        if started:
+            write_measurements(result, started["cfg"], marks, peaks, started["at"])
 
 
 def write_measurements(result: Path, cfg, marks: list[float], peaks: list[int], began: float) -> None:

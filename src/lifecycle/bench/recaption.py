@@ -13,7 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .compare import run_stage
+from .compare import run_overrides
 
 RUNS = {"raw captions": "original_caption", "recaptioned": "caption"}
 COLUMNS = ("colour_accuracy", "direction_accuracy", "both_accuracy")
@@ -25,11 +25,11 @@ def run(curated: str, seeds: list[int], out: Path, overrides: list[str]) -> dict
     for seed in seeds:
         dirs = {name: out / f"seed{seed}" / name.replace(" ", "_") for name in RUNS}
         for name, key in RUNS.items():
-            run_stage(["stage=pretrain", f"data.shards={curated}", "data.generate=null", f"data.caption_key={key}",
-                       f"seed={seed}", f"run_dir={dirs[name]}", "trainer.enable_progress_bar=false", *overrides])
+            run_overrides(["stage=pretrain", f"data.shards={curated}", "data.generate=null", f"data.caption_key={key}",
+                           f"seed={seed}", f"run_dir={dirs[name]}", "trainer.enable_progress_bar=false", *overrides])
         evaluation = out / f"seed{seed}" / "eval"
-        run_stage(["stage=eval", "stage.metrics=false", f"stage.models=[{','.join(str(d) for d in dirs.values())}]",
-                   "reward=vivid", f"seed={seed}", f"run_dir={evaluation}", "trainer.enable_progress_bar=false"])
+        run_overrides(["stage=eval", "stage.metrics=false", f"stage.models=[{','.join(str(d) for d in dirs.values())}]",
+                       "reward=vivid", f"seed={seed}", f"run_dir={evaluation}", "trainer.enable_progress_bar=false"])
         table = json.loads((evaluation / "report" / "table.json").read_text())
         for name, d in dirs.items():
             rows[name][seed] = table[d.name]["test"]
@@ -60,7 +60,7 @@ def main() -> None:
     curated = args.curated
     if curated is None:
         curated = str(out / "curate" / "shards")
-        run_stage(["stage=curate", f"stage.out={curated}", f"run_dir={out / 'curate'}"])
+        run_overrides(["stage=curate", f"stage.out={curated}", f"run_dir={out / 'curate'}"])
     rows = run(str(Path(curated).resolve()), args.seeds, out, args.overrides)
     text = summary(rows, curated)
     (out / "summary.md").write_text(text)

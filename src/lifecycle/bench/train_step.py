@@ -3,7 +3,7 @@
     python -m lifecycle.bench.train_step [--gpu] [--steps 20] [--warmup 5] [--case NAME ...] [--json FILE]
 
 Two loops per case, each in its own process (so each has its own peak memory):
-  * lifecycle: the project's pre-training module (`stages.denoise.DenoiseStage`: guard, clipping,
+  * lifecycle: the project's pre-training module (`stages.pretrain.DenoiseStage`: guard, clipping,
     LR schedule, Min-SNR-γ in the loss space) under a Lightning Trainer; on a GPU with bf16 autocast,
     the compiled denoiser (`stage.compile`) and fused AdamW;
   * plain: the loop diffusers' example scripts write: fp32 master weights, autocast (bf16 where the
@@ -39,12 +39,12 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import get_available_flops
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..__main__ import CONF_DIR
+from .. import CONF_DIR
 from ..config import TrainerSchema
 from ..data.curriculum import Curriculum
 from ..data.prompts import vocabulary
 from ..models import ModelBundle, build_bundle, word_tokenizer
-from ..stages.denoise import DenoiseStage, denoiser_flops
+from ..stages.pretrain import DenoiseStage, denoiser_flops
 
 GAMMA = 5.0
 

@@ -12,7 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .compare import run_stage
+from .compare import run_overrides
 
 COLUMNS = (("train", "reward"), ("test", "reward"), ("test", "colour_accuracy"), ("test", "direction_accuracy"))
 
@@ -21,7 +21,7 @@ def run(pretrained: str, seeds: list[int], out: Path, overrides: list[str]) -> d
     tables = {}
     for seed in seeds:
         run_dir = out / f"seed{seed}"
-        run_stage(["stage=vader", f"model.pretrained={pretrained}", f"seed={seed}", f"stage.evaluation.seed={seed}",
+        run_overrides(["stage=vader", f"model.pretrained={pretrained}", f"seed={seed}", f"stage.evaluation.seed={seed}",
                    f"run_dir={run_dir}", *overrides])
         tables[seed] = json.loads((run_dir / "report" / "table.json").read_text())
     return tables

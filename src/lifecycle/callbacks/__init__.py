@@ -1,1 +1,1 @@
-"""Lightning callbacks: EMA weights, sample videos."""
+"""Lightning callbacks: EMA weights, validation samples and scores, the reward curve."""

@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from ..metrics.oracle import prompt_fidelity
+from ..data.oracle import prompt_fidelity
 from .ema import EMA
-from .samples import write_samples
+from ..outputs.samples import write_samples
 
 
 class Validation(L.Callback):

@@ -2,7 +2,7 @@
 
 No download: each attribute of the synthetic world but the direction (colour, shape, size, speed,
 background) is a multinomial logistic regression on a few pixel features of the clip (the colour votes
-and object mask of `metrics.oracle`, the background colour, the object's area, how much of its bounding
+and object mask of `data.oracle`, the background colour, the object's area, how much of its bounding
 box it fills and where its mass sits in it, and the annotated travel), fitted on the labelled clips. The
 direction comes from the temporal annotation. A real data engine uses `vlm.VLMCaptioner` instead.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data.synthetic import ATTRIBUTES
-from ..metrics import oracle
+from ..data import oracle
 from .annotate import annotate, describe_motion
 from .media import decode
 

@@ -31,7 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.video_io import write_atomically
 from . import steps
 from .dedup import find_duplicates

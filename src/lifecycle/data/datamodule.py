@@ -6,7 +6,7 @@ import lightning as L
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..signals import worker_signals
 from .curriculum import Curriculum
 from .select import Selection
@@ -56,11 +56,3 @@ class ShardDataModule(L.LightningDataModule):
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
                           worker_init_fn=worker_signals)
-
-
-def write(cfg) -> dict:
-    """`stage=synthetic`: write the configured dataset's shards (a no-op when they exist)."""
-    if cfg.data.get("generate") is None:
-        raise ValueError("data.generate: this data config has no generator to run")
-    shards = instantiate(cfg.data.generate)
-    return {"shards": len(shards)}

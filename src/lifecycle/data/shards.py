@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
+from ..errors import DataError
 from .curriculum import Curriculum
 from .video_io import decode_image, decode_video
 
@@ -47,9 +48,6 @@ VIDEO_KEYS = ("npy", "mp4", "webm", "gif", "avi", "mov", "mkv")
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")  # an image is a one-frame clip
 CACHE_KEYS = {"latents": "latents.npy", "latents_std": "std.npy", "hidden": "hidden.npy", "pooled": "pooled.npy"}
 
-
-class DataError(RuntimeError):
-    """The data cannot feed the run (reads keep failing, or a pass over the shards reads nothing): stop, not spin."""
 
 
 def list_shards(spec: str, key: str = "data.shards") -> list[str]:

@@ -1,7 +1,7 @@
 """The synthetic world: one coloured shape moving across a plain neutral background.
 
 Every clip is fully described by a small metadata dict, so captions are exact and
-prompt fidelity can be scored from pixels alone (see ``lifecycle.metrics.oracle``).
+prompt fidelity can be scored from pixels alone (see ``lifecycle.data.oracle``).
 Positions and sizes are fractions of the frame, so a clip renders at any resolution.
 """
 

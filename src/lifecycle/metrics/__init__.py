@@ -1,1 +1,1 @@
-"""Evaluation metrics computed from generated videos."""
+"""Evaluation metrics computed from generated videos (the synthetic world's pixel oracle is `data.oracle`)."""

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPConfig, 
 
 from ..data.shards import decode_sample, list_shards, resize_clip
 from ..data.synthetic import render_clip, sample_metadata
-from ..rewards.preprocess import CLIP_MEAN, CLIP_STD, prepare
+from ..models.preprocess import CLIP_MEAN, CLIP_STD, prepare
 
 log = logging.getLogger(__name__)
 KID_SEED = 0  # KID draws its subsets with torch's global generator: fixed, so a score is reproducible

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..data.video_io import decode_video, write_atomically, write_video
 from ..models.bundle import LINEAGE_FILE
-from .oracle import ORACLE_COLUMNS
+from ..data.oracle import ORACLE_COLUMNS
 
 CELL = 128  # px a side of one video in a grid
 # (key, heading, digits): the quality columns in table order; arrows say which way is better

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ..callbacks.samples import write_samples
-from ..metrics.oracle import ORACLE_COLUMNS, prompt_fidelity
+from ..data.oracle import ORACLE_COLUMNS, prompt_fidelity
+from ..outputs.samples import write_samples
 from ..rewards.base import WeightedSum
 
 

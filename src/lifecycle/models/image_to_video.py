@@ -16,7 +16,7 @@ from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..diffusion.sampling import sample
-from ..rewards.preprocess import CLIP_MEAN, CLIP_STD, normalize
+from .preprocess import CLIP_MEAN, CLIP_STD, normalize
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import CLIPConfig, CLIPModel, VJEPA2Config, VJEPA2Model
 
-from ..config import CONF_DIR
+from .. import CONF_DIR
 from ..data.prompts import vocabulary
 from . import build_bundle
 from .bundle import ModelBundle

@@ -1,7 +1,7 @@
 """Safety layers on every exported sample: a content filter, an invisible watermark and provenance.
 
 Every sample the framework exports (sample videos of training, evaluation and alignment tables) goes
-through `lifecycle.callbacks.samples.write_samples`, which applies the process-wide output policy:
+through `lifecycle.outputs.samples.write_samples`, which applies the process-wide output policy:
 
 - content filter (`outputs.filter`, off by default; `outputs/filter=classifier outputs.filter.model=<id>`): a
   transformers image classifier (lifecycle.curation.safety.SafetyFilter) scores each clip; a clip at or over
@@ -30,7 +30,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .provenance import context as run_context
 from .provenance import lineage
 

@@ -7,7 +7,7 @@ from transformers import VideoMAEForVideoClassification
 
 from lifecycle.rewards.base import check_videos
 from lifecycle.rewards.frames import BackboneReward, resample_frames, resolve_label
-from lifecycle.rewards.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
+from lifecycle.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, prepare
 
 
 class ActionReward(BackboneReward):

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
 from lifecycle.rewards.base import FrozenReward, check_videos
-from lifecycle.rewards.preprocess import prepare
+from lifecycle.models.preprocess import prepare
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from transformers import YolosForObjectDetection
 
 from lifecycle.rewards.base import check_videos
 from lifecycle.rewards.frames import BackboneReward, resample_frames, resolve_label
-from lifecycle.rewards.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
+from lifecycle.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 
 class ObjectReward(BackboneReward):

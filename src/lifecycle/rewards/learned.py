@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, CLIPModel
 
 from ..models.lora import add_lora
 from .base import Reward, check_videos
-from .preprocess import prepare
+from ..models.preprocess import prepare
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -1,6 +1,6 @@
 """Rewards for the synthetic world that need no downloaded weights.
 
-Differentiable versions of the checks in ``lifecycle.metrics.oracle``: the hard chroma
+Differentiable versions of the checks in ``lifecycle.data.oracle``: the hard chroma
 threshold becomes a sigmoid, the nearest-hue vote a von Mises kernel, and the centroid fit
 a presence-weighted least-squares slope. Each stands in for a real reward so that reward
 alignment (e.g. VADER) can be exercised on CPU in minutes:
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lifecycle.data.synthetic import COLOURS
-from lifecycle.metrics.oracle import CHROMA_THRESHOLD, chroma, colour_hues, parse_prompt
+from lifecycle.data.oracle import CHROMA_THRESHOLD, chroma, colour_hues, parse_prompt
 from lifecycle.rewards.base import Reward, check_videos
 
 # Chroma-weighted share of the pixels (of a video or a frame) at which an object counts as

@@ -22,7 +22,7 @@ from transformers import VJEPA2Model
 
 from lifecycle.rewards.base import check_videos
 from lifecycle.rewards.frames import BackboneReward, resample_frames
-from lifecycle.rewards.preprocess import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_shorter
+from lifecycle.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, center_crop, normalize, resize_shorter
 
 
 class VJEPAReward(BackboneReward):

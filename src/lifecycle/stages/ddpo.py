@@ -1,4 +1,4 @@
-"""DDPO (Black et al. 2023, DDPO_IS): reinforcement learning on the denoising chain with PPO.
+"""`stage=ddpo`: DDPO (Black et al. 2023, DDPO_IS): reinforcement learning on the denoising chain with PPO.
 
 Each epoch:
   1. sample batch_size·num_batches videos from the training prompts with stochastic DDIM (eta > 0)
@@ -19,20 +19,17 @@ per-prompt reward histories and the counters; every epoch's randomness is seeded
 import copy
 import logging
 import math
-import time
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import lightning as L
 import torch
 from diffusers import DDIMScheduler
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ..callbacks.reward_curve import reward_curve
-from ..config import ConfigError
-from ..data.prompts import PromptStream, load_prompts
-from ..distributed import shard
+from ..config import check_prompts, positive
+from ..data.prompts import PromptStream
 from ..diffusion.ddpo import (
     PerPromptStatTracker,
     ddpo_scheduler,
@@ -41,15 +38,81 @@ from ..diffusion.ddpo import (
     sample_with_logprob,
     transition_log_prob,
 )
-from ..metrics.reward_table import evaluate, write_table
-from ..models import ModelBundle, build_bundle
+from ..distributed import shard
+from ..errors import ConfigError
+from ..models import ModelBundle
 from ..models.memory import enable_gradient_checkpointing
-from ..rewards.base import Reward, build_reward
-from ..train import (build_trainer, export_trained, for_evaluation, lineage, make_trainable, resume_checkpoint,
-                     save_last, trainable_bundle)
-from .optim import adamw_with_schedule, check_trainable, keep_trainable, log_step
+from ..rewards.base import Reward
+from .base import AlignmentConfig, EvaluationConfig
+from .guard import LossGuard
+from .optim import adamw_with_schedule, check_trainable, keep_trainable, log_step, optimizer_step, step_seed
+from .runner import TrainingRun
 
 log = logging.getLogger(__name__)
+
+
+# -- config -------------------------------------------------------------------------------------
+@dataclass
+class SampleConfig:
+    batch_size: int = 4  # videos per sampling batch, per device
+    num_batches: int = 2  # sampling batches per epoch: batch_size·num_batches reward queries per device
+    num_steps: int = 20
+    guidance_scale: float = 3.0
+    eta: float = 1.0  # > 0: stochastic DDIM, the policy whose log-probabilities PPO ratios
+
+
+@dataclass
+class PerPromptStatsConfig:
+    buffer_size: int = 32  # rewards kept per prompt
+    min_count: int = 16  # normalise by the batch until a prompt has this many
+
+
+@dataclass
+class PPOConfig:
+    inner_epochs: int = 1
+    batch_size: int = 4  # samples per minibatch
+    accumulate: int = 1  # minibatches per optimizer step
+    timestep_fraction: float = 1.0  # fraction of each trajectory's steps trained on
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+
+
+@dataclass
+class Config(AlignmentConfig):
+    epochs: int = MISSING
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    per_prompt_stats: Optional[PerPromptStatsConfig] = field(default_factory=PerPromptStatsConfig)  # null: batch
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    gradient_checkpointing: bool = False
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    ddim_only: ClassVar[bool] = True
+
+    @classmethod
+    def text_to_video_only(cls, stage: DictConfig) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        check_prompts(cfg, "train", "test")
+        st, smp, ppo = cfg.stage, cfg.stage.sample, cfg.stage.ppo
+        positive(st, "epochs", "frames", "resolution", "sample.batch_size", "sample.num_batches", "sample.num_steps",
+                 "sample.eta", "ppo.inner_epochs", "ppo.batch_size", "ppo.accumulate", "ppo.clip_range",
+                 "ppo.adv_clip_max")
+        if not 0 < ppo.timestep_fraction <= 1:
+            raise ConfigError(f"stage.ppo.timestep_fraction: must be in (0, 1], got {ppo.timestep_fraction}")
+        samples = smp.batch_size * smp.num_batches
+        if samples % ppo.batch_size or (samples // ppo.batch_size) % ppo.accumulate:
+            raise ConfigError(f"stage.ppo.batch_size: {ppo.batch_size} x accumulate {ppo.accumulate} must divide the "
+                              f"{samples} samples of an epoch (sample.batch_size x sample.num_batches)")
+        stats = st.per_prompt_stats
+        if stats is not None and not 1 <= stats.min_count <= stats.buffer_size:
+            raise ConfigError(f"stage.per_prompt_stats.min_count: must be in 1..buffer_size ({stats.buffer_size}), "
+                              f"got {stats.min_count}")
+        super().check(cfg)
+
+
+# -- the LightningModule ------------------------------------------------------------------------
 
 
 def updates_per_epoch(samples: int, ppo: dict) -> int:
@@ -72,6 +135,7 @@ class DDPOStage(L.LightningModule):
         lr_scheduler: dict,
         gradient_clip: float | None = 1.0,
         seed: int = 0,
+        guard: dict | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -81,6 +145,7 @@ class DDPOStage(L.LightningModule):
         self.sample_cfg, self.ppo_cfg = dict(sample), dict(ppo)
         self.optim_cfg, self.sched_cfg = dict(optimizer), dict(lr_scheduler)
         self.gradient_clip, self.seed = gradient_clip, seed
+        self.guard = LossGuard(**(guard or {"spike_factor": None}))
         self.samples_per_epoch = sample["batch_size"] * sample["num_batches"]
         self.updates_per_epoch = updates_per_epoch(self.samples_per_epoch, ppo)
         self.tracker = PerPromptStatTracker(**per_prompt_stats) if per_prompt_stats else None
@@ -165,14 +230,16 @@ class DDPOStage(L.LightningModule):
                                              p["clip_range"], p["adv_clip_max"])
                 self.manual_backward(loss / terms)
                 stats.append(torch.stack([loss.detach(), kl, clipped]))
-        params = [q for q in self.parameters() if q.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        grad_norm = optimizer_step(self, self.guard, self.gradient_clip)
         loss, kl, clipped = torch.stack(stats).mean(0)
+        if grad_norm is None:  # rejected, gradients dropped: the update still takes its slot (no weight moves), so
+            opt.step()         # epochs and checkpoints stay on their boundaries
+            sched.step()
+            grad_norm = torch.tensor(float("nan"))
+        else:
+            self.guard.update(loss.item())
         return {"train/loss": loss, "train/approx_kl": kl, "train/clip_fraction": clipped, "train/grad_norm": grad_norm,
-                "train/lr": sched.get_last_lr()[0]}
+                "train/lr": sched.get_last_lr()[0], "guard/skipped_updates": float(self.guard.rejected)}
 
     # -- loop -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
@@ -193,7 +260,7 @@ class DDPOStage(L.LightningModule):
 
     def epoch_generator(self, epoch: int) -> torch.Generator:
         """Noise, sampling noise and PPO shuffles of an epoch depend on (seed, epoch, rank) alone: resume is exact."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 4099 + self.global_rank)
+        return torch.Generator().manual_seed(step_seed(self.seed, epoch, self.global_rank))
 
     def train_dataloader(self) -> DataLoader:
         """Each epoch's prompts, once per optimizer step of the epoch (only an epoch's first step samples)."""
@@ -214,7 +281,8 @@ class DDPOStage(L.LightningModule):
             raise RuntimeError(f"DDPO checkpoints fall on epoch boundaries; got one after update {self.updates}")
         keep_trainable(self, checkpoint)
         checkpoint["lifecycle"] = {"updates": self.updates, "reward_queries": self.reward_queries,
-                                   "tracker": self.tracker.state_dict() if self.tracker else None}
+                                   "tracker": self.tracker.state_dict() if self.tracker else None,
+                                   "guard": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_trainable(self, checkpoint)
@@ -223,6 +291,8 @@ class DDPOStage(L.LightningModule):
             raise ValueError(f"trainer.resume: the checkpoint is {state['updates']} updates in, not on an epoch boundary "
                              f"({self.updates_per_epoch} updates per epoch: a different stage.ppo?)")
         self.updates, self.reward_queries = state["updates"], state["reward_queries"]
+        if "guard" in state:  # checkpoints written before DDPO had a guard lack it
+            self.guard.load_state_dict(state["guard"])
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
 
@@ -239,55 +309,49 @@ class _Repeat(torch.utils.data.IterableDataset):
                 yield item
 
 
+# -- runner -------------------------------------------------------------------------------------
+class DDPORun(TrainingRun):
+    """Evaluate `model.pretrained` on prompts.train/test, train with DDPO, evaluate again, export."""
+
+    config = Config
+    method = "DDPO"
+
+    def check_bundle(self, bundle: ModelBundle) -> None:
+        if bundle.image_encoder is not None or not isinstance(bundle.inference_scheduler(), DDIMScheduler):
+            kind = "image-to-video" if bundle.image_encoder is not None else "flow-matching or EDM (Euler-sampled)"
+            raise ConfigError(f"model: DDPO trains the stochastic DDIM chain of a text-to-video model; this is a {kind} "
+                              f"model ({type(bundle.denoiser).__name__} with {type(bundle.scheduler).__name__})")
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        if self.stage.gradient_checkpointing:
+            enable_gradient_checkpointing(bundle.denoiser)
+
+    def module(self, bundle: ModelBundle) -> DDPOStage:
+        s = self.stage
+        return DDPOStage(
+            bundle, self.reward, self.prompt_sets["train"], frames=s.frames, resolution=s.resolution,
+            sample=OmegaConf.to_container(s.sample), ppo=OmegaConf.to_container(s.ppo),
+            per_prompt_stats=OmegaConf.to_container(s.per_prompt_stats) if s.per_prompt_stats else None,
+            optimizer=OmegaConf.to_container(s.optimizer), lr_scheduler=OmegaConf.to_container(s.lr_scheduler),
+            gradient_clip=s.gradient_clip, seed=self.cfg.seed, guard=OmegaConf.to_container(s.guard),
+        )
+
+    def max_steps(self, module: DDPOStage) -> int:
+        return self.stage.epochs * module.updates_per_epoch
+
+    def trainer_config(self, module: DDPOStage) -> DictConfig:
+        """Checkpoints only on epoch boundaries: the interval rounded up to whole epochs."""
+        per_epoch, cfg = module.updates_per_epoch, copy.deepcopy(self.cfg)
+        cfg.trainer.checkpoint_every_n_steps = math.ceil(self.cfg.trainer.checkpoint_every_n_steps / per_epoch) * per_epoch
+        return cfg
+
+    def result(self, module: DDPOStage, trainer) -> dict:
+        return {"epochs": module.updates // module.updates_per_epoch, "reward_queries": module.reward_queries}
+
+    def lineage_extra(self, module: DDPOStage) -> dict:
+        return {"reward_queries": module.reward_queries}
+
+
 def run(cfg: DictConfig) -> dict:
     """`stage=ddpo`: evaluate `model.pretrained` on prompts.train/test, train with DDPO, evaluate again, export."""
-    run_dir = Path(cfg.run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    s = cfg.stage
-    bundle = build_bundle(cfg.model)
-    if bundle.image_encoder is not None or not isinstance(bundle.inference_scheduler(), DDIMScheduler):
-        kind = "image-to-video" if bundle.image_encoder is not None else "flow-matching or EDM (Euler-sampled)"
-        raise ConfigError(f"model: DDPO trains the stochastic DDIM chain of a text-to-video model; this is a {kind} "
-                          f"model ({type(bundle.denoiser).__name__} with {type(bundle.scheduler).__name__})")
-    reward = build_reward(cfg.reward)
-    prompt_sets = {name: load_prompts(cfg.prompts[name], f"prompts.{name}") for name in ("train", "test")}
-    settings = {**OmegaConf.to_container(s.evaluation), "frames": s.frames, "resolution": s.resolution}
-
-    for_evaluation(cfg, bundle, reward)
-    before = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "before", settings, write=rank_zero_only.rank == 0)
-
-    make_trainable(bundle, s.lora)
-    if s.gradient_checkpointing:
-        enable_gradient_checkpointing(bundle.denoiser)
-    module = DDPOStage(
-        bundle, reward, prompt_sets["train"], frames=s.frames, resolution=s.resolution,
-        sample=OmegaConf.to_container(s.sample), ppo=OmegaConf.to_container(s.ppo),
-        per_prompt_stats=OmegaConf.to_container(s.per_prompt_stats) if s.per_prompt_stats else None,
-        optimizer=OmegaConf.to_container(s.optimizer), lr_scheduler=OmegaConf.to_container(s.lr_scheduler),
-        gradient_clip=s.gradient_clip, seed=cfg.seed,
-    )
-    per_epoch = module.updates_per_epoch
-    trainer_cfg = copy.deepcopy(cfg)  # checkpoints only on epoch boundaries: round the interval up to whole epochs
-    trainer_cfg.trainer.checkpoint_every_n_steps = math.ceil(cfg.trainer.checkpoint_every_n_steps / per_epoch) * per_epoch
-    curve = reward_curve(s.curve, bundle, reward, prompt_sets["train"], run_dir,
-                         {"frames": s.frames, "resolution": s.resolution})
-    trainer = build_trainer(trainer_cfg, run_dir, curve, s.epochs * per_epoch)
-    start = time.time()
-    trainer.fit(module, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    save_last(trainer, run_dir)
-    fit_seconds = round(time.time() - start, 1)
-
-    for_evaluation(cfg, bundle, reward, trainer=trainer)
-    after = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "after", settings, write=trainer.is_global_zero)
-    result = {"steps": trainer.global_step, "epochs": module.updates // per_epoch, "reward_queries": module.reward_queries,
-              "fit_seconds": fit_seconds,
-              **{f"{tag}/{name}/reward": rows[name]["reward"] for tag, rows in (("before", before), ("after", after))
-                 for name in rows}}
-    data = {name: cfg.prompts[name] for name in ("train", "test")}
-    export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
-                   lineage(cfg, run_dir, trainer.global_step, data, reward_queries=module.reward_queries), lora=s.export,
-                   lora_formats=s.lora_formats)
-    if trainer.is_global_zero:
-        log.info("reward before/after DDPO:\n%s", write_table({"before": before, "after": after}, run_dir / "report",
-                                                               method="DDPO"))
-    return result
+    return DDPORun(cfg)()

@@ -1,4 +1,4 @@
-"""Diffusion-DPO (Wallace et al. 2024): fine-tune on preference pairs against a frozen reference.
+"""`stage=dpo`: Diffusion-DPO (Wallace et al. 2024): fine-tune on preference pairs against a frozen reference.
 
 Per step: encode the prompts and both videos of each pair; draw one timestep and one noise per
 pair, shared by its chosen and rejected video; noise both; denoising MSE of the model and of the
@@ -11,35 +11,70 @@ of denoiser weights in memory (no gradients or optimizer state for it).
 
 import copy
 import logging
-import time
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..callbacks.reward_curve import reward_curve
-from ..config import ConfigError
+from ..config import choice, is_later, positive
 from ..data.preferences import PairDataModule, read_manifest
-from ..data.prompts import load_prompts
 from ..diffusion import noise as nz
-from ..distributed import shard
 from ..diffusion.dpo import DPOTerms, dpo_loss
-from ..metrics.reward_table import evaluate, write_table
-from ..models import ModelBundle, build_bundle
+from ..distributed import shard
+from ..errors import ConfigError
+from ..models import ModelBundle
 from ..models.lora import has_lora
-from ..rewards.base import build_reward
-from ..train import (build_trainer, export_trained, for_evaluation, lineage, make_trainable, resume_checkpoint,
-                     save_last, trainable_bundle)
+from .base import AlignmentConfig
 from .guard import LossGuard
-from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable, log_step
+from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable, log_step, step_seed
+from .runner import TrainingRun
 
 log = logging.getLogger(__name__)
+
+
+# -- config -------------------------------------------------------------------------------------
+@dataclass
+class TimestepsConfig:
+    flow: str = "logit_normal"  # flow models: uniform | logit_normal (DDPM-family models: uniform t)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class Config(AlignmentConfig):
+    pairs: str = MISSING  # folder of preference-pair shards
+    steps: int = MISSING
+    batch_size: int = MISSING  # pairs per step
+    shuffle_buffer: int = 256
+    num_workers: int = 0
+    beta: float = MISSING
+    timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
+    accumulate: int = 1
+
+    @classmethod
+    def uses_reward(cls, stage: DictConfig) -> bool:
+        """Only for the before/after table (stage.evaluation) and the reward curve."""
+        return stage.evaluation is not None or stage.curve.every_n_steps > 0
+
+    @classmethod
+    def text_to_video_only(cls, stage: DictConfig) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        st = cfg.stage
+        pairs = os.path.expanduser(st.pairs)
+        if not is_later(pairs) and (not os.path.isdir(pairs) or not any(f.endswith(".tar") for f in os.listdir(pairs))):
+            raise ConfigError(f"stage.pairs: no pair shards (*.tar) in {st.pairs!r}")
+        positive(st, "steps", "batch_size", "beta", "accumulate")
+        super().check(cfg)
+        choice("stage.timesteps.flow", st.timesteps.flow, nz.FLOW_T_SCHEMES)
 
 
 # -- the reference model ------------------------------------------------------------------------
@@ -139,7 +174,7 @@ class DPOStage(L.LightningModule):
     def step_generator(self) -> torch.Generator:
         """Randomness for the batch about to run, a function of (seed, batch, rank) alone: resume is exact."""
         g = torch.Generator(device=self.device)
-        return g.manual_seed(self.seed * 1_000_003 + self.batches_seen * 4099 + self.global_rank)
+        return g.manual_seed(step_seed(self.seed, self.batches_seen, self.global_rank))
 
     def training_step(self, batch: dict, batch_idx: int):
         terms = self.dpo_terms(batch, self.step_generator())
@@ -183,54 +218,43 @@ class DPOStage(L.LightningModule):
 
 
 # -- runner -------------------------------------------------------------------------------------
+class DPORun(TrainingRun):
+    """Diffusion-DPO of `model.pretrained` on the pairs in `stage.pairs`; evaluated before and after."""
+
+    config = Config
+    method = "Diffusion-DPO"
+
+    def check_bundle(self, bundle: ModelBundle) -> None:
+        s = self.stage
+        if bundle.image_encoder is not None:
+            raise ConfigError("model: Diffusion-DPO here trains text-to-video models (this one is image-to-video)")
+        if bundle.fixed_frames is not None and s.frames != bundle.fixed_frames:
+            raise ConfigError(f"stage.frames: {type(bundle.denoiser).__name__} takes exactly {bundle.fixed_frames} "
+                              f"frame(s), got {s.frames}")
+
+    def module(self, bundle: ModelBundle) -> DPOStage:
+        # the trainable weights are chosen after an adapter parent is merged: the reference is the parent as exported
+        s = self.stage
+        return DPOStage(
+            bundle, beta=s.beta, timesteps=OmegaConf.to_container(s.timesteps),
+            optimizer=OmegaConf.to_container(s.optimizer), lr_scheduler=OmegaConf.to_container(s.lr_scheduler),
+            guard=OmegaConf.to_container(s.guard), gradient_clip=s.gradient_clip, accumulate=s.accumulate,
+            max_steps=s.steps, seed=self.cfg.seed,
+        )
+
+    def datamodule(self, module: DPOStage) -> PairDataModule:
+        s = self.stage
+        return PairDataModule(s.pairs, s.batch_size, s.frames, s.resolution, seed=self.cfg.seed,
+                              num_workers=s.num_workers, shuffle_buffer=s.shuffle_buffer)
+
+    def curve_offset(self) -> dict:
+        """The curve starts where the pairs left off: their reward queries and seconds count too."""
+        return {k: (read_manifest(self.stage.pairs) or {}).get(k, 0) for k in ("reward_queries", "seconds")}
+
+    def lineage_data(self):
+        return self.stage.pairs
+
+
 def run(cfg: DictConfig) -> dict:
     """`stage=dpo`: Diffusion-DPO of `model.pretrained` on the pairs in `stage.pairs`; evaluated before and after."""
-    run_dir = Path(cfg.run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    s = cfg.stage
-    bundle = build_bundle(cfg.model)
-    if bundle.image_encoder is not None:
-        raise ConfigError("model: Diffusion-DPO here trains text-to-video models (this one is image-to-video)")
-    if bundle.fixed_frames is not None and s.frames != bundle.fixed_frames:
-        raise ConfigError(f"stage.frames: {type(bundle.denoiser).__name__} takes exactly {bundle.fixed_frames} "
-                          f"frame(s), got {s.frames}")
-    rows = {}
-    if s.evaluation is not None or s.curve.every_n_steps:
-        reward = build_reward(cfg.reward)
-        prompt_sets = {name: load_prompts(cfg.prompts[name], f"prompts.{name}")
-                       for name in ("train", "test") if s.evaluation is not None or name == "train"}
-    if s.evaluation is not None:
-        settings = {**OmegaConf.to_container(s.evaluation), "frames": s.frames, "resolution": s.resolution}
-        for_evaluation(cfg, bundle, reward)
-        rows["before"] = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "before", settings,
-                                  write=rank_zero_only.rank == 0)
-
-    make_trainable(bundle, s.lora)  # merges an adapter parent first: the reference is the parent as exported
-    module = DPOStage(
-        bundle, beta=s.beta, timesteps=OmegaConf.to_container(s.timesteps), optimizer=OmegaConf.to_container(s.optimizer),
-        lr_scheduler=OmegaConf.to_container(s.lr_scheduler), guard=OmegaConf.to_container(s.guard),
-        gradient_clip=s.gradient_clip, accumulate=s.accumulate, max_steps=s.steps, seed=cfg.seed,
-    )
-    pairs = PairDataModule(s.pairs, s.batch_size, s.frames, s.resolution, seed=cfg.seed, num_workers=s.num_workers,
-                           shuffle_buffer=s.shuffle_buffer)
-    curve = []
-    if s.curve.every_n_steps:  # the curve starts where the pairs left off: their queries and seconds count too
-        offset = {k: (read_manifest(s.pairs) or {}).get(k, 0) for k in ("reward_queries", "seconds")}
-        curve = reward_curve(s.curve, bundle, reward, prompt_sets["train"], run_dir,
-                             {"frames": s.frames, "resolution": s.resolution}, offset)
-    trainer = build_trainer(cfg, run_dir, curve, s.steps)
-    start = time.time()
-    trainer.fit(module, datamodule=pairs, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    save_last(trainer, run_dir)
-    result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1)}
-
-    if s.evaluation is not None:
-        for_evaluation(cfg, bundle, reward, trainer=trainer)
-        rows["after"] = evaluate(bundle, reward, prompt_sets, run_dir / "samples", "after", settings,
-                                 write=trainer.is_global_zero)
-        result.update({f"{tag}/{name}/reward": r[name]["reward"] for tag, r in rows.items() for name in r})
-    if trainer.is_global_zero and rows:
-        log.info("reward before/after Diffusion-DPO:\n%s", write_table(rows, run_dir / "report", "Diffusion-DPO"))
-    export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
-                   lineage(cfg, run_dir, trainer.global_step, s.pairs), lora=s.export, lora_formats=s.lora_formats)
-    return result
+    return DPORun(cfg)()

@@ -2,18 +2,17 @@
 
 import math
 
-
-class DivergenceError(RuntimeError):
-    """Raised when the guard is set to stop; the last good checkpoint is left untouched."""
+from ..errors import DivergenceError
 
 
 class LossGuard:
     """Tracks an EMA of accepted losses and flags non-finite values and spikes.
 
-    A spike is a loss above `spike_factor` x the EMA, checked once `warmup` losses have been seen.
+    A spike is a loss above `spike_factor` x the EMA, checked once `warmup` losses have been seen; `spike_factor`
+    None checks non-finite values only (a reward used as a loss has no scale to spike against).
     """
 
-    def __init__(self, action: str = "skip", spike_factor: float = 10.0, ema_beta: float = 0.98, warmup: int = 20,
+    def __init__(self, action: str = "skip", spike_factor: float | None = 10.0, ema_beta: float = 0.98, warmup: int = 20,
                  max_skips_in_a_row: int = 20):
         if action not in ("skip", "stop"):
             raise ValueError(f"stage.guard.action: expected 'skip' or 'stop', got {action!r}")
@@ -28,7 +27,8 @@ class LossGuard:
         """Why `value` must not be applied, or None if it is fine."""
         if not math.isfinite(value):
             return f"{name} is {value}"
-        if name == "loss" and self.ema is not None and self.seen >= self.warmup and value > self.spike_factor * self.ema:
+        spikes = name == "loss" and self.spike_factor is not None and self.ema is not None and self.seen >= self.warmup
+        if spikes and value > self.spike_factor * self.ema:
             return f"loss {value:.4g} is above {self.spike_factor:g} x its EMA {self.ema:.4g}"
         return None
 

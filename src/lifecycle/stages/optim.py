@@ -1,5 +1,6 @@
 """Shared by the training stages: the optimizer (AdamW on the trainable weights, a diffusers LR
-schedule), the guarded manual-optimization update, step logging, and checkpoints that hold only trained weights."""
+schedule), the guarded manual-optimization update, per-step seeds, step logging, and checkpoints that hold only
+trained weights."""
 
 import math
 
@@ -20,29 +21,47 @@ def adamw_with_schedule(module: nn.Module, optimizer: dict, lr_scheduler: dict, 
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one step's randomness on one rank (a DDPO epoch's: `step` counts epochs), a function of
+    (seed, step, rank) alone: a resumed run draws what the uninterrupted one would have."""
+    return seed * 1_000_003 + step * 4099 + rank
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """Pre-training's seed of one sample: (seed, step, the sample's place in the global batch), whatever the
+    number of ranks sharing the batch."""
+    return (seed * 1_000_003 + step) * 1_000_003 + index
+
+
+def optimizer_step(module, guard, gradient_clip: float | None = None) -> torch.Tensor | None:
+    """Clip the gradients backpropagated so far, then step the optimizer and the LR schedule, unless the guard
+    rejects the gradient norm (non-finite; the gradients are then dropped). Every manual optimization loop
+    steps through here. Returns the gradient norm, or None when the weights did not move."""
+    opt, sched = module.optimizers(), module.lr_schedulers()
+    params = [p for p in module.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip or math.inf, foreach=True)
+    if guard.reject(guard.problem(grad_norm.item(), "gradient norm"), module.global_step, opt, module.print):
+        return None
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return grad_norm
+
+
 def guarded_step(module, loss: torch.Tensor, guard, accumulate: int = 1, gradient_clip: float | None = None):
-    """Backward, clip and step, unless the guard rejects the loss or the gradient norm.
+    """Backward, then `optimizer_step` every `accumulate` batches, unless the guard rejects the loss.
 
     The guard judges the loss averaged over ranks (and the gradient norm, which every rank shares),
-    so all ranks take the same decision. Call after counting the batch in `module.batches_seen`;
-    with accumulation the weights move every `accumulate` batches. Returns (gradient norm, or None
-    when the weights did not move; the rank-mean loss).
+    so all ranks take the same decision. Call after counting the batch in `module.batches_seen`.
+    Returns (gradient norm, or None when the weights did not move; the rank-mean loss).
     """
-    opt, sched = module.optimizers(), module.lr_schedulers()
     mean_loss = module.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
-    if guard.reject(guard.problem(mean_loss.item()), module.global_step, opt, module.print):
+    if guard.reject(guard.problem(mean_loss.item()), module.global_step, module.optimizers(), module.print):
         return None, mean_loss
     module.manual_backward(loss / accumulate)
     if module.batches_seen % accumulate:
         return None, mean_loss
-    params = [p for p in module.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip or math.inf, foreach=True)
-    if guard.reject(guard.problem(grad_norm.item(), "gradient norm"), module.global_step, opt, module.print):
-        return None, mean_loss
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sched.step()
-    return grad_norm, mean_loss
+    return optimizer_step(module, guard, gradient_clip), mean_loss
 
 
 def log_step(module, metrics: dict, bar: str, value: torch.Tensor) -> None:

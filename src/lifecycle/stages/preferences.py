@@ -10,26 +10,79 @@ a Pick-a-Pic-style JSON-lines file. Either way the pairs go to `stage.out` as pr
 """
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ..callbacks.samples import to_uint8
-from ..config import ConfigError
+from ..config import check_prompts, choice, import_path, positive
 from ..data.preferences import load_pickapic, read_manifest, write_pairs
 from ..data.prompts import load_prompts
+from ..errors import ConfigError
 from ..models import build_bundle
+from ..outputs.samples import to_uint8
 from ..rewards.base import build_reward
 from ..secrets import redact, secret_values
+from .base import StageConfig
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("best_worst", "all")
+
+
+@dataclass
+class Config(StageConfig):
+    source: str = MISSING  # sampled | pickapic
+    path: Optional[str] = None  # pickapic: the JSON-lines file
+    out: str = MISSING
+    candidates: int = MISSING
+    repeats: int = 1
+    strategy: str = MISSING  # best_worst | all
+    min_margin: float = MISSING
+    frames: int = 8
+    resolution: int = 32
+    num_steps: int = 25
+    guidance_scale: float = 3.0
+    batch_size: int = 16
+    annotator: Optional[str] = None  # dotted path of a (videos, prompts) -> scores function, in place of `reward`
+    shard_size: int = 256
+
+    @classmethod
+    def uses_reward(cls, stage: DictConfig) -> bool:
+        return stage.source == "sampled" and not stage.annotator
+
+    @classmethod
+    def text_to_video_only(cls, stage: DictConfig) -> bool:
+        return stage.source == "sampled"
+
+    @classmethod
+    def resolutions(cls, stage: DictConfig) -> dict[str, int]:
+        return {"stage.resolution": stage.resolution} if stage.source == "sampled" else {}
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        st = cfg.stage
+        choice("stage.source", st.source, ("sampled", "pickapic"))
+        choice("stage.strategy", st.strategy, STRATEGIES)
+        positive(st, "repeats", "frames", "resolution", "num_steps", "batch_size", "shard_size")
+        if st.candidates < 2:
+            raise ConfigError(f"stage.candidates: a pair needs at least 2 candidates, got {st.candidates}")
+        if st.min_margin < 0:
+            raise ConfigError(f"stage.min_margin: must be >= 0, got {st.min_margin}")
+        if st.source == "pickapic":
+            if not st.path or not os.path.isfile(os.path.expanduser(st.path)):
+                raise ConfigError(f"stage.path: no Pick-a-Pic JSON-lines file {st.path!r}")
+            return
+        check_prompts(cfg, "train")
+        if st.annotator:
+            import_path("stage.annotator", st.annotator)
 
 
 def choose_pairs(scores: list[float], strategy: str, min_margin: float) -> tuple[list[tuple[int, int]], int]:

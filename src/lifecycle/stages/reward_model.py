@@ -8,24 +8,77 @@ before and after training. The export loads as a reward: `reward=learned reward.
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..config import ConfigError
+from ..config import check_model_paths, choice, is_later, positive
 from ..data.preferences import PairDataModule, pair_batches, read_manifest
+from ..errors import ConfigError
 from ..rewards.bradley_terry import bradley_terry_loss, preference_accuracy
 from ..rewards.learned import LearnedReward
 from ..rundir import swap_in
-from ..train import build_trainer, lineage, resume_checkpoint, save_last, with_resumes
+from .base import LoRAConfig, TrainingConfig
 from .optim import adamw_with_schedule, log_step
+from .runner import build_trainer, lineage, resume_checkpoint, save_last, with_resumes
 
 log = logging.getLogger(__name__)
+
+
+# -- config -------------------------------------------------------------------------------------
+@dataclass
+class ConvScorerConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    text_buckets: int = 4096
+    text_dim: int = 32
+    hidden: int = 64
+
+
+@dataclass
+class ClipScorerConfig:
+    backbone: str = "openai/clip-vit-large-patch14"
+    tokenizer: Optional[str] = None
+    hidden: int = 256
+    lora: Optional[LoRAConfig] = None  # null: train the head only
+
+
+@dataclass
+class Config(TrainingConfig):
+    pairs: str = MISSING
+    architecture: str = "conv"  # conv | clip
+    conv: ConvScorerConfig = field(default_factory=ConvScorerConfig)
+    clip: ClipScorerConfig = field(default_factory=ClipScorerConfig)
+    steps: int = MISSING
+    batch_size: int = MISSING
+    frames: Optional[int] = None  # null: the pairs' own
+    resolution: Optional[int] = None
+    val_fraction: float = 0.2
+    eval_batch_size: int = 64
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        st = cfg.stage
+        if not is_later(st.pairs) and not os.path.isfile(os.path.join(os.path.expanduser(st.pairs), "dataset.json")):
+            raise ConfigError(f"stage.pairs: {st.pairs!r} is not a preference-pair folder (no dataset.json)")
+        choice("stage.architecture", st.architecture, ("conv", "clip"))
+        if st.architecture == "clip":
+            check_model_paths("stage.clip", st.clip, ("backbone", "tokenizer"))
+        positive(st, "steps", "batch_size", "eval_batch_size", "frames", "resolution")
+        if not 0 < st.val_fraction < 1:
+            raise ConfigError(f"stage.val_fraction: must be in (0, 1), got {st.val_fraction}")
+
+
+# -- the LightningModule ------------------------------------------------------------------------
 
 
 def score_pairs(reward: LearnedReward, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

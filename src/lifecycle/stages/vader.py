@@ -1,4 +1,4 @@
-"""VADER: align a video diffusion model by backpropagating reward gradients (VADER, Algorithm 1).
+"""`stage=vader`: align a video diffusion model by backpropagating reward gradients (VADER, Algorithm 1).
 
 Per step: draw noise, run the bundle's sampler (DDIM, or flow-matching Euler) with classifier-free
 guidance, keeping gradients only through the last K denoising steps; decode a random subset of the
@@ -13,22 +13,90 @@ backward pass does not grow with the horizon; the reward scores the concatenated
 frames, so it sees the clip boundary (and is ascended across it through the final clip).
 """
 
-import math
+import logging
+import os
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import lightning as L
 import torch
 from diffusers import AutoencoderKL
+from omegaconf import MISSING, DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from ..config import check_prompts, choice, positive
+from ..data.conditioning import conditioning
 from ..data.prompts import PromptStream
-from ..distributed import shard
 from ..diffusion.sampling import sample
+from ..distributed import shard
+from ..errors import ConfigError
 from ..models import ModelBundle
-from ..models.memory import offload_activations
+from ..models.memory import enable_gradient_checkpointing, freeze_to_dtype, offload_activations
 from ..rewards.base import Reward
-from .optim import adamw_with_schedule, check_trainable, keep_trainable, log_step
+from .base import AlignmentConfig, EvaluationConfig
+from .guard import LossGuard
+from .optim import adamw_with_schedule, check_trainable, guarded_step, keep_trainable, log_step, step_seed
+from .runner import TrainingRun
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# -- config -------------------------------------------------------------------------------------
+@dataclass
+class SamplingConfig:
+    num_steps: int = MISSING
+    guidance_scale: float = 3.0
+    eta: float = 0.0
+    grad_steps: int = 1  # K: gradients flow through the last K denoising steps
+    grad_mode: str = "last"  # last | rand (K drawn from 1..grad_steps every step)
+
+
+@dataclass
+class MemoryConfig:
+    gradient_checkpointing: bool = False
+    frozen_dtype: Optional[str] = None  # bf16 | fp16: frozen weights in half precision, trainable in fp32
+    offload_activations: bool = False  # keep saved activations in CPU memory
+
+
+@dataclass
+class Config(AlignmentConfig):
+    steps: int = MISSING
+    batch_size: int = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    decode_frames: Optional[int] = None  # score this many random frames (null: all)
+    condition: str = "synthetic"  # image-to-video models: conditioning images, synthetic | a folder of images
+    clips: int = 1  # image-to-video models: autoregressive clips per video (long horizon when > 1)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    accumulate: int = 1
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    backprop_through_reward: ClassVar[bool] = True
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        check_prompts(cfg, "train", "test")
+        st = cfg.stage
+        choice("stage.sampling.grad_mode", st.sampling.grad_mode, ("last", "rand"))
+        choice("stage.memory.frozen_dtype", st.memory.frozen_dtype, ("bf16", "fp16"))
+        if not 1 <= st.sampling.grad_steps <= st.sampling.num_steps:
+            raise ConfigError(f"stage.sampling.grad_steps: must be in 1..num_steps ({st.sampling.num_steps}), "
+                              f"got {st.sampling.grad_steps}")
+        positive(st, "steps", "batch_size")
+        super().check(cfg)
+        if st.decode_frames is not None and not 1 <= st.decode_frames <= st.frames:
+            raise ConfigError(f"stage.decode_frames: must be in 1..frames ({st.frames}) or null, got {st.decode_frames}")
+        if st.clips < 1:
+            raise ConfigError(f"stage.clips: must be >= 1, got {st.clips}")
+        if st.condition != "synthetic" and not os.path.isdir(os.path.expanduser(st.condition)):
+            raise ConfigError(f"stage.condition: {st.condition!r} is neither 'synthetic' nor a folder of images")
+        if st.accumulate < 1:
+            raise ConfigError(f"stage.accumulate: must be >= 1, got {st.accumulate}")
+
+
+# -- the LightningModule ------------------------------------------------------------------------
 
 GRAD_MODES = ("last", "rand")
 
@@ -60,6 +128,7 @@ class VaderStage(L.LightningModule):
         sampling: dict,
         optimizer: dict,
         lr_scheduler: dict,
+        guard: dict | None = None,
         batch_size: int = 2,
         decode_frames: int | None = None,
         gradient_clip: float | None = 1.0,
@@ -83,6 +152,7 @@ class VaderStage(L.LightningModule):
         self.decode_frames, self.gradient_clip, self.accumulate = decode_frames, gradient_clip, accumulate
         self.offload, self.autocast_dtype, self.seed = offload, autocast_dtype, seed
         self.condition, self.clips = condition, clips
+        self.guard = LossGuard(**(guard or {"spike_factor": None}))
         self.batches_seen = 0
         bundle.denoiser.train()  # from_pretrained leaves every component in eval mode
         for frozen in (bundle.text_encoder, bundle.image_encoder, bundle.vae, reward):
@@ -137,7 +207,6 @@ class VaderStage(L.LightningModule):
         return video if index is None else video[:, index.to(video.device)]
 
     def training_step(self, batch: dict, batch_idx: int):
-        opt, sched = self.optimizers(), self.lr_schedulers()
         prompts = batch["prompts"]
         g = self.step_generator()
         k = truncation_steps(self.sampling["grad_mode"], self.sampling["grad_steps"], g)
@@ -151,18 +220,14 @@ class VaderStage(L.LightningModule):
             else:
                 video = self.rollout(prompts, g, k)
             scores = self.reward(video.float(), prompts)
-        loss = -scores.mean()
-        self.manual_backward(loss / self.accumulate)
         self.batches_seen += 1
-        if self.batches_seen % self.accumulate:
+        grad_norm, mean_loss = guarded_step(self, -scores.mean(), self.guard, self.accumulate, self.gradient_clip)
+        if grad_norm is None:
             return
-        params = [p for p in self.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clip or math.inf, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        self.guard.update(mean_loss.item())
         log_step(self, {"train/reward": scores.detach().mean(), "train/reward_std": scores.detach().std(correction=0),
-                        "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0], "train/grad_steps": float(k)},
+                        "train/grad_norm": grad_norm, "train/lr": self.lr_schedulers().get_last_lr()[0],
+                        "train/grad_steps": float(k), "guard/skipped_updates": float(self.guard.rejected)},
                  "reward", scores.detach().mean())
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -173,7 +238,7 @@ class VaderStage(L.LightningModule):
 
     def step_generator(self) -> torch.Generator:
         """Noise, frame subset and truncation for this batch depend on (seed, batch, rank) alone: resume is exact."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches_seen * 4099 + self.global_rank)
+        return torch.Generator().manual_seed(step_seed(self.seed, self.batches_seen, self.global_rank))
 
     def train_dataloader(self) -> DataLoader:
         stream = PromptStream(self.prompts, self.batch_size, seed=self.seed, start_batch=self.batches_seen,
@@ -191,8 +256,62 @@ class VaderStage(L.LightningModule):
         # Frozen weights (base model, encoders, reward backbones) are rebuilt from their sources on
         # resume; a checkpoint carries only what training changes.
         keep_trainable(self, checkpoint)
-        checkpoint["lifecycle"] = {"batches_seen": self.batches_seen}
+        checkpoint["lifecycle"] = {"batches_seen": self.batches_seen, "guard": self.guard.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_trainable(self, checkpoint)
         self.batches_seen = checkpoint["lifecycle"]["batches_seen"]
+        if "guard" in checkpoint["lifecycle"]:  # checkpoints written before VADER had a guard lack it
+            self.guard.load_state_dict(checkpoint["lifecycle"]["guard"])
+
+
+# -- runner -------------------------------------------------------------------------------------
+class VaderRun(TrainingRun):
+    """VADER on `model.pretrained` (usually the previous stage's export) with `reward`, over `prompts.train`.
+
+    Image-to-video bundles sample from `stage.condition` images, in training and evaluation alike.
+    """
+
+    config = Config
+    method = "VADER"
+
+    def sampling(self, bundle: ModelBundle) -> dict:
+        s = self.stage
+        self.images = None if bundle.image_encoder is None else conditioning(s.condition, s.resolution, self.cfg.seed)
+        if self.images is None and s.clips > 1:
+            raise ConfigError(f"stage.clips: long-horizon rollout ({s.clips} clips) needs an image-to-video model")
+        return {"frames": s.frames, "resolution": s.resolution, "images": self.images, "clips": s.clips}
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        if self.stage.memory.gradient_checkpointing:
+            enable_gradient_checkpointing(bundle.denoiser)
+        self.dtype = DTYPES.get(self.stage.memory.frozen_dtype)
+        if self.dtype is not None:
+            for part in (bundle.denoiser, bundle.text_encoder, bundle.image_encoder, bundle.vae, self.reward):
+                if part is not None:
+                    freeze_to_dtype(part, self.dtype)
+
+    def module(self, bundle: ModelBundle) -> VaderStage:
+        s = self.stage
+        return VaderStage(
+            bundle, self.reward, self.prompt_sets["train"], frames=s.frames, resolution=s.resolution,
+            sampling=OmegaConf.to_container(s.sampling), optimizer=OmegaConf.to_container(s.optimizer),
+            lr_scheduler=OmegaConf.to_container(s.lr_scheduler), guard=OmegaConf.to_container(s.guard),
+            batch_size=s.batch_size, decode_frames=s.decode_frames, gradient_clip=s.gradient_clip,
+            accumulate=s.accumulate, offload=s.memory.offload_activations, autocast_dtype=self.dtype,
+            seed=self.cfg.seed, condition=self.images, clips=s.clips,
+        )
+
+    def evaluating(self, trainer: L.Trainer):
+        return torch.autocast(trainer.strategy.root_device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    @contextmanager
+    def exporting(self, module, bundle: ModelBundle):
+        if self.dtype is not None:  # frozen weights were stored in half precision for training; export in fp32
+            bundle.float()
+        yield
+
+
+def run(cfg: DictConfig) -> dict:
+    """`stage=vader`: evaluate, align with reward gradients, evaluate again, export."""
+    return VaderRun(cfg)()

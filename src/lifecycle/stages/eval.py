@@ -10,22 +10,63 @@ synthetic-world prompts the pixel oracle checks colour and direction. Writes `re
 
 import json
 import logging
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .. import outputs
+from ..config import check_metrics, check_prompts, is_later
 from ..data.conditioning import conditioning
 from ..data.prompts import load_prompts
 from ..metrics.quality import build_quality
 from ..metrics.report import write_report
 from ..metrics.reward_table import evaluate
 from ..models import ModelBundle
+from ..errors import ConfigError
 from ..rewards.base import build_reward
+from .base import EvaluationConfig, StageConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReportConfig:
+    grid_prompts: int = 8  # prompts per set in the sample grids
+    curves: list[str] = MISSING  # metrics.csv columns plotted over training steps
+
+
+@dataclass
+class Config(StageConfig):
+    models: list[str] = MISSING  # export folders, or run directories holding export/
+    frames: int = 8
+    resolution: int = 32
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    condition: str = "synthetic"  # image-to-video models: conditioning images (as VADER's stage.condition)
+    metrics: bool = True  # the `metrics` group's FID, KID, CLIP score, temporal consistency and motion
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    @classmethod
+    def uses_reward(cls, stage: DictConfig) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        if not cfg.stage.models:
+            raise ConfigError("stage.models: list the export folders (or run directories) to evaluate")
+        for i, path in enumerate(cfg.stage.models):
+            folder = os.path.expanduser(path)
+            if not is_later(folder) and not any(os.path.isfile(os.path.join(f, "model_index.json"))
+                                                for f in (folder, os.path.join(folder, "export"))):
+                raise ConfigError(f"stage.models[{i}]: no exported bundle in {path!r} (nor in its export/)")
+        check_prompts(cfg, "train", "test")
+        if cfg.stage.condition != "synthetic" and not os.path.isdir(os.path.expanduser(cfg.stage.condition)):
+            raise ConfigError(f"stage.condition: {cfg.stage.condition!r} is neither 'synthetic' nor a folder of images")
+        if cfg.stage.metrics:
+            check_metrics(cfg)
 
 
 def export_folder(path: str) -> Path:

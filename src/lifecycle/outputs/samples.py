@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..outputs import current
-from ..outputs.export import write_samples as export
+from . import current
+from .export import write_samples as export
 
 
 def to_uint8(videos: torch.Tensor) -> list[np.ndarray]:

@@ -1,54 +1,45 @@
-"""Run a training stage: build bundle, data and module from config, fit, export, sample."""
+"""What every training stage's run shares: the sequence itself (`TrainingRun`: seed, bundle, evaluation before,
+trainable weights, module, reward curve, trainer, fit, last.ckpt, evaluation after, export, before/after table),
+the Trainer (checkpoints, loggers, stop on signal), the trainable bundle, resume, the export with its lineage, and
+where evaluation computes."""
 
 import logging
 import os
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks.ema import EMA
-from .callbacks.validation import Validation, best_checkpoint
-from .checkpointing import AtomicCheckpointIO, newest_checkpoint, read_checkpoint, remove_hpc_checkpoints
-from .config import ConfigError
-from .data.curriculum import Curriculum
-from .data.datamodule import ShardDataModule
-from .data.latent_cache import check_cache, read_manifest
-from .distributed import FSDP2Strategy, gather_bundle
-from .loggers import drop_rows_from
-from .metrics.quality import build_quality
-from .models import build_bundle
-from .models.lora import add_lora, has_lora, merge_lora
-from .models.lora_formats import write_formats
-from .models.memory import enable_gradient_checkpointing
-from .resume import RunConfig
-from .rundir import swap_in
-from .secrets import redact, secret_values
-from .signals import StopOnSignal
-from .stages.denoise import DenoiseStage
+from ..callbacks.reward_curve import reward_curve
+from ..checkpointing import AtomicCheckpointIO, newest_checkpoint, read_checkpoint, remove_hpc_checkpoints
+from ..distributed import FSDP2Strategy, gather_bundle
+from ..errors import ConfigError
+from ..loggers import drop_rows_from
+from ..data.prompts import load_prompts
+from ..metrics.reward_table import evaluate, write_table
+from ..models import ModelBundle, build_bundle
+from ..models.lora import add_lora, has_lora, merge_lora
+from ..models.lora_formats import write_formats
+from ..resume import RunConfig
+from ..rewards.base import Reward, build_reward
+from ..rundir import swap_in
+from ..secrets import redact, secret_values
+from ..signals import StopOnSignal
+from .base import StageConfig
 
 log = logging.getLogger(__name__)
 # Checkpoints are taken after the optimizer step on purpose; Lightning warns about that under manual optimization.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 TRAINER_EXTRA_KEYS = ("resume", "checkpoint_every_n_steps", "throughput_window")
-
-
-def check_frames(bundle, curriculum: Curriculum) -> None:
-    need = bundle.fixed_frames
-    for i, phase in enumerate(curriculum.phases):
-        if need is not None and phase.frames != need:
-            raise ConfigError(
-                f"stage.curriculum[{i}].frames: {type(bundle.denoiser).__name__} takes exactly {need} frame(s), "
-                f"got {phase.frames} (vary resolution and batch size instead)"
-            )
 
 
 def stage_device(cfg: DictConfig, trainer: L.Trainer | None = None) -> torch.device:
@@ -193,60 +184,126 @@ def export_trained(trainer: L.Trainer, bundle, rebuild, path: Path, lineage: dic
         log.info("exported %s", path)
 
 
-def fit(cfg: DictConfig) -> dict:
-    """`stage=pretrain`: train the denoiser over the curriculum with validation, export the EMA bundle."""
-    run_dir = Path(cfg.run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    s = cfg.stage
-    curriculum = Curriculum(OmegaConf.to_container(s.curriculum, resolve=True))
-    bundle = trainable_bundle(cfg.model, s.lora)
-    check_frames(bundle, curriculum)
-    if (cache := read_manifest(cfg.data.shards)) is not None:
-        check_cache(cache, bundle, curriculum.phases, s.train_text_encoder)
-    if s.gradient_checkpointing:
-        enable_gradient_checkpointing(bundle.denoiser)
-    if s.compile:  # nn.Module.compile keeps the module's class and state-dict keys: dispatch and export unchanged
-        bundle.denoiser.compile()
-    max_steps = cfg.trainer.max_steps or curriculum.total_steps
-    module = DenoiseStage(
-        bundle, curriculum,
-        objective=OmegaConf.to_container(s.objective), optimizer=OmegaConf.to_container(s.optimizer),
-        lr_scheduler=OmegaConf.to_container(s.lr_scheduler), guard=OmegaConf.to_container(s.guard),
-        gradient_clip=s.gradient_clip, accumulate=s.accumulate, train_text_encoder=s.train_text_encoder,
-        max_steps=max_steps, seed=cfg.seed,
-    )
-    data = ShardDataModule(
-        cfg.data.shards, curriculum, seed=cfg.seed, num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer, accumulate=s.accumulate, generate=cfg.data.generate,
-        select=OmegaConf.to_container(s.select) if s.select else None, split=cfg.data.split,
-        balance=OmegaConf.to_container(cfg.data.balance) if cfg.data.balance else None,
-        caption_key=cfg.data.caption_key, decoded_cache_mb=cfg.data.decoded_cache_mb,
-        max_bad_in_a_row=cfg.data.max_bad_in_a_row, max_bad_share=cfg.data.max_bad_share,
-    )
-    last, val = curriculum.phases[-1], s.validation
-    validation = Validation(
-        run_dir / "samples", prompts=instantiate(val.prompts), frames=last.frames, resolution=last.resolution,
-        quality=build_quality(cfg.metrics, last.frames, last.resolution) if val.metrics else None,
-        **{k: v for k, v in OmegaConf.to_container(val).items() if k not in ("prompts", "metrics", "best", "mode")},
-    )
-    best = best_checkpoint(run_dir, val.best, val.mode, val.every_n_steps) if val.best and val.every_n_steps else None
-    if val.best and not val.every_n_steps:
-        log.info("stage.validation.best: no best checkpoint, validation runs only at the end (every_n_steps=0)")
-    ema = EMA(decay=s.ema.decay, every=s.ema.every) if s.ema.decay else None
-    # samples/s, FLOP/s and MFU (where Lightning knows the device's peak) from the module's flops_per_batch
-    throughput = ThroughputMonitor(batch_size_fn=lambda batch: len(batch["caption"]),
-                                   window_size=cfg.trainer.throughput_window)
-    trainer = build_trainer(cfg, run_dir, [c for c in (ema, validation, throughput, best) if c is not None], max_steps)
-    start = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
-    save_last(trainer, run_dir)
-    result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1),
-              **validation.results.get("final", {})}
-    if best is not None and best.best_model_path:
-        result["best"] = {"path": best.best_model_path, val.best: best.best_model_score.item()}
-    with ema.swapped(module) if ema else nullcontext():
-        export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
-                       lineage(cfg, run_dir, trainer.global_step, cfg.data.shards), lora=s.export,
-                       lora_formats=s.lora_formats)
-    return result
+class TrainingRun:
+    """The run every training stage follows, with hooks for what differs:
 
+        seed -> bundle (`check_bundle`) -> reward and prompt sets (when the stage uses a reward) -> evaluation
+        before (`stage.evaluation`) -> trainable weights (`stage.lora`; then `prepare`) -> `module` ->
+        `datamodule` -> callbacks (the reward curve, `callbacks`) -> trainer (`max_steps`) -> fit (resumable)
+        -> checkpoints/last.ckpt -> evaluation after -> `result` -> export (inside `exporting`) -> table.
+
+    A stage subclasses it, sets `config` (its Config) and `method` (its name in the table), implements
+    `module`, and its `run(cfg)` is `MyRun(cfg)()`.
+    """
+
+    config: type[StageConfig] = StageConfig
+    method: str = "alignment"  # the before/after table's name for the training
+    prompt_set_names: tuple[str, ...] = ("train", "test")
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg, self.stage, self.run_dir = cfg, cfg.stage, Path(cfg.run_dir)
+        self.reward: Reward | None = None
+        self.prompt_sets: dict[str, list[str]] = {}
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def check_bundle(self, bundle: ModelBundle) -> None:
+        """Refuse a model the stage cannot train (ConfigError), before any compute."""
+
+    def sampling(self, bundle: ModelBundle) -> dict:
+        """How the stage samples videos for evaluation and the reward curve, besides `stage.evaluation`
+        (called once, after the reward and prompt sets are loaded)."""
+        return {"frames": self.stage.frames, "resolution": self.stage.resolution}
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        """After the trainable weights are chosen: memory savers, compilation, checks on the trainable bundle."""
+
+    def module(self, bundle: ModelBundle) -> L.LightningModule:
+        raise NotImplementedError
+
+    def datamodule(self, module: L.LightningModule) -> L.LightningDataModule | None:
+        """The data the module trains on, unless it makes its own (prompt streams)."""
+        return None
+
+    def curve_offset(self) -> dict | None:
+        """Reward queries and seconds spent before this stage, where its reward curve starts."""
+        return None
+
+    def callbacks(self, module: L.LightningModule) -> list:
+        """Callbacks besides the reward curve."""
+        return []
+
+    def max_steps(self, module: L.LightningModule) -> int:
+        return self.stage.steps
+
+    def trainer_config(self, module: L.LightningModule) -> DictConfig:
+        """The config the trainer is built from (a stage may round the checkpoint interval)."""
+        return self.cfg
+
+    def evaluating(self, trainer: L.Trainer) -> AbstractContextManager:
+        """Around the evaluation after training (e.g. the autocast training used)."""
+        return nullcontext()
+
+    def result(self, module: L.LightningModule, trainer: L.Trainer) -> dict:
+        """The stage's own figures for result.json."""
+        return {}
+
+    def exporting(self, module: L.LightningModule, bundle: ModelBundle) -> AbstractContextManager:
+        """Around the export (e.g. EMA weights swapped in)."""
+        return nullcontext()
+
+    def lineage_data(self):
+        """What the export records as the data it was trained on."""
+        return {name: self.cfg.prompts[name] for name in self.prompt_set_names}
+
+    def lineage_extra(self, module: L.LightningModule) -> dict:
+        return {}
+
+    # -- the sequence -------------------------------------------------------------------------------
+    def evaluate(self, bundle: ModelBundle, tag: str, write: bool, settings: dict) -> dict:
+        return evaluate(bundle, self.reward, self.prompt_sets, self.run_dir / "samples", tag, settings, write=write)
+
+    def __call__(self) -> dict:
+        cfg, s, run_dir = self.cfg, self.stage, self.run_dir
+        L.seed_everything(cfg.seed, workers=True)
+        bundle = build_bundle(cfg.model)
+        self.check_bundle(bundle)
+        evaluation = s.get("evaluation")
+        if self.config.uses_reward(s):
+            self.reward = build_reward(cfg.reward)
+            names = self.prompt_set_names if evaluation is not None else ("train",)
+            self.prompt_sets = {name: load_prompts(cfg.prompts[name], f"prompts.{name}") for name in names}
+        sampling = self.sampling(bundle)
+        rows = {}
+        if evaluation is not None:
+            settings = {**OmegaConf.to_container(evaluation), **sampling}
+            for_evaluation(cfg, bundle, self.reward)
+            rows["before"] = self.evaluate(bundle, "before", rank_zero_only.rank == 0, settings)
+
+        make_trainable(bundle, s.lora)  # merges an adapter parent first
+        self.prepare(bundle)
+        module = self.module(bundle)
+        data = self.datamodule(module)
+        curve = []
+        if s.get("curve") is not None and s.curve.every_n_steps:
+            curve = reward_curve(s.curve, bundle, self.reward, self.prompt_sets["train"], run_dir, sampling,
+                                 self.curve_offset())
+        trainer = build_trainer(self.trainer_config(module), run_dir, [*curve, *self.callbacks(module)],
+                                self.max_steps(module))
+        start = time.time()
+        trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
+        save_last(trainer, run_dir)
+        result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1)}
+
+        if evaluation is not None:
+            for_evaluation(cfg, bundle, self.reward, trainer=trainer)
+            with self.evaluating(trainer):
+                rows["after"] = self.evaluate(bundle, "after", trainer.is_global_zero, settings)
+            result.update({f"{tag}/{name}/reward": r[name]["reward"] for tag, r in rows.items() for name in r})
+        result.update(self.result(module, trainer))
+        with self.exporting(module, bundle):
+            export_trained(trainer, bundle, lambda: trainable_bundle(cfg.model, s.lora), run_dir / "export",
+                           lineage(cfg, run_dir, trainer.global_step, self.lineage_data(), **self.lineage_extra(module)),
+                           lora=s.export, lora_formats=s.lora_formats)
+        if trainer.is_global_zero and rows:
+            log.info("reward before/after %s:\n%s", self.method, write_table(rows, run_dir / "report", self.method))
+        return result

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lifecycle.data.synthetic import COLOURS, DIRECTIONS
+from .synthetic import COLOURS, DIRECTIONS
 
 NONE = "none"
 ORACLE_COLUMNS = ("colour_accuracy", "direction_accuracy", "both_accuracy")  # the scores of prompt_fidelity
