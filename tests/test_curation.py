@@ -13,6 +13,7 @@ from lifecycle.errors import ConfigError
 from lifecycle.curation.annotate import annotate, describe_motion, frame_difference, global_shift
 from lifecycle.curation.curate import WORK, deduplicate, run
 from lifecycle.curation.dedup import find_duplicates, near_pairs, thumbnail_embedding
+from lifecycle.curation.engine import SOCKET_PATH_ROOM, session_folder
 from lifecycle.curation.media import list_units
 from lifecycle.curation.filters import size_filter
 from lifecycle.curation.media import decode
@@ -111,6 +112,16 @@ def test_approximate_index_finds_the_exact_pairs(index):
     assert set(exact) >= set(range(5000, 5300))
     found = near_pairs(emb, 0.05, index=index, exact_up_to=0, nprobe=8)
     assert found.keys() <= exact.keys() and len(found) >= 0.95 * len(exact)
+
+
+def test_ray_sessions_under_long_folders_go_to_a_temp_folder():
+    # the folder pytest-xdist gives a curation run: Ray's plasma socket under it would take 110 of 107 bytes
+    xdist = Path("/tmp/pytest-of-root/pytest-144/popen-gw0/curated0/ray")
+    assert session_folder(xdist) is None
+    assert session_folder(Path("/work/out/curate/ray")) == Path("/work/out/curate/ray")
+    longest = Path("/" + "x" * (SOCKET_PATH_ROOM - 1))
+    assert session_folder(longest) == longest
+    assert len(str(longest) + "/session_2026-12-04_21-31-04_899384_1709/sockets/plasma_store") <= 107
 
 
 def test_thumbnail_embedding_ignores_brightness_not_colour():

@@ -12,6 +12,7 @@ changes one fails here with its name, before the code that uses it fails in a le
 | `torch.nn.modules.batchnorm._NormBase` | models/memory.py `NORM_LAYERS` | keeping norm layers in fp32 |
 | `torch._foreach_lerp_` | callbacks/ema.py | the EMA update in one call |
 | diffusers `ModelMixin._supports_gradient_checkpointing` | models/memory.py | which denoisers checkpoint natively |
+| ray `ray.init(_temp_dir=...)` | curation/engine.py `ray_session` | the local Ray's session folder in the run directory |
 | imwatermark `EmbedDwtDctSvd`: `_block`, `_watermarks`, `_wmLen`, `_scales`, hooks | outputs/watermark.py | a batched coder |
 """
 
@@ -195,3 +196,12 @@ def test_imwatermark_embed_dwt_dct_svd_internals():
     empty = [[] for _ in bits]
     assert coder.decode_frame(theirs, 48, [[] for _ in bits]) == _coder("dwtDctSvd", np.array(bits)).decode_frame(
         theirs, 48, empty)
+
+
+def test_ray_init_temp_dir():
+    import inspect
+
+    import ray
+
+    # a keyword ray.init takes from its **kwargs: where a local Ray puts its session folder and sockets
+    assert 'kwargs.pop("_temp_dir"' in inspect.getsource(ray.init)

@@ -19,7 +19,15 @@ import ray
 import ray.data
 
 log = logging.getLogger(__name__)
-SOCKET_PATH_ROOM = 60  # the longest session folder path that leaves room for Ray's socket names
+# what Ray appends to its folder for its longest socket path (a 7-digit PID at most): the folder's own path may take the
+# rest of the 107 bytes a Unix socket path holds
+SOCKET_SUFFIX = "/session_2026-12-04_21-31-04_899384_1234567/sockets/plasma_store"
+SOCKET_PATH_ROOM = 107 - len(SOCKET_SUFFIX)  # 43
+
+
+def session_folder(log_dir: Path) -> Path | None:
+    """`log_dir` when Ray's socket paths under it fit in 107 bytes, else None (Ray then uses a temp folder)."""
+    return log_dir if len(str(log_dir)) <= SOCKET_PATH_ROOM else None
 
 
 @contextlib.contextmanager
@@ -29,7 +37,7 @@ def ray_session(address: str | None, cpus: int, object_store_mb: int, log_dir: P
     started, temp = not ray.is_initialized(), None
     if started and address is None:
         log_dir = log_dir.resolve()
-        session = log_dir if len(str(log_dir)) <= SOCKET_PATH_ROOM else Path(temp := tempfile.mkdtemp(prefix="ray-"))
+        session = session_folder(log_dir) or Path(temp := tempfile.mkdtemp(prefix="ray-"))
         session.mkdir(parents=True, exist_ok=True)
         log.info("curate: a local Ray of %d CPUs (logs: %s)", cpus, log_dir)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user Ray: no token to set up
