@@ -232,3 +232,20 @@ def test_group_relative_policy_gradient_on_the_flow_sde_raises_a_reward():
         opt.zero_grad()
     assert model.b.item() > 0.5
     assert sum(means[-3:]) / 3 > means[0] + 0.5
+
+
+def test_grpo_on_two_processes_counts_every_ranks_queries(tmp_path):
+    """DDP on two CPU processes (gloo): each rank samples its own groups; rewards are gathered for the count."""
+    import subprocess
+    import sys
+
+    from .helpers import TINY
+
+    run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "lifecycle", *FAST, *TINY, "model=tiny_flow", "stage.evaluation=null",
+                    "stage.kl_beta=0.1", "trainer.devices=2", "trainer.strategy=ddp",
+                    "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"], check=True, capture_output=True,
+                   text=True)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["lifecycle"]
+    assert state["reward_queries"] == 2 * 4 * 2  # epochs x videos per rank x ranks
+    assert [float(r["train/reward_queries"]) for r in _metrics(run_dir)] == [8, 8, 16, 16]
