@@ -149,7 +149,7 @@ class DDPOStage(L.LightningModule):
         self.samples_per_epoch = sample["batch_size"] * sample["num_batches"]
         self.updates_per_epoch = updates_per_epoch(self.samples_per_epoch, ppo)
         self.tracker = PerPromptStatTracker(**per_prompt_stats) if per_prompt_stats else None
-        self.scheduler = ddpo_scheduler(bundle.inference_scheduler())
+        self.scheduler = self.policy_scheduler(bundle)
         self.updates = 0  # optimizer steps taken
         self.reward_queries = 0  # videos scored, all ranks
         self.rollout: dict | None = None  # the current epoch's samples and PPO plan
@@ -157,6 +157,10 @@ class DDPOStage(L.LightningModule):
         for frozen in (bundle.text_encoder, bundle.vae, reward):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
+
+    def policy_scheduler(self, bundle: ModelBundle):
+        """The scheduler whose stochastic steps are the policy: DDIM ending at ᾱ_0 (every step has σ > 0)."""
+        return ddpo_scheduler(bundle.inference_scheduler())
 
     # -- 1. sampling ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -179,8 +183,7 @@ class DDPOStage(L.LightningModule):
         self.bundle.denoiser.eval()
         batches = [self.sample_batch(prompts[i : i + size], generator) for i in range(0, len(prompts), size)]
         self.bundle.denoiser.train()
-        return {k: tuple(torch.cat(parts) for parts in zip(*(b[k] for b in batches))) if k in ("cond", "uncond")
-                else torch.cat([b[k] for b in batches]) for k in batches[0]}
+        return concat_batches(batches)
 
     # -- 2. advantages --------------------------------------------------------------------------
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,9 +214,20 @@ class DDPOStage(L.LightningModule):
             minibatches += [(idx, columns[idx]) for idx in order.split(p["batch_size"])]
         return [minibatches[i : i + p["accumulate"]] for i in range(0, len(minibatches), p["accumulate"])]
 
-    def ppo_update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Accumulate the clipped-surrogate gradient over the minibatches' chosen transitions; one optimizer step."""
+    def transition_terms(self, rows: torch.Tensor, col: torch.Tensor, cond: tuple, uncond: tuple) -> dict:
+        """The loss of transitions (rows, col) under the current weights (key `loss`, with graph) and its
+        detached statistics: DDPO's clipped surrogate."""
         r, p, s = self.rollout, self.ppo_cfg, self.sample_cfg
+        log_prob = transition_log_prob(
+            self.bundle.denoise, self.scheduler, r["latents"][rows, col], r["timesteps"][rows, col],
+            r["latents"][rows, col + 1], cond, uncond, s["guidance_scale"], s["eta"])
+        loss, kl, clipped = ppo_loss(r["advantages"][rows], log_prob, r["log_probs"][rows, col],
+                                     p["clip_range"], p["adv_clip_max"])
+        return {"loss": loss, "approx_kl": kl, "clip_fraction": clipped}
+
+    def ppo_update(self, minibatches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Accumulate the loss's gradient over the minibatches' chosen transitions; one optimizer step."""
+        r = self.rollout
         opt, sched = self.optimizers(), self.lr_schedulers()
         terms = minibatches[0][1].shape[1] * len(minibatches)
         stats = []
@@ -222,24 +236,19 @@ class DDPOStage(L.LightningModule):
             cond = tuple(c[rows] for c in r["cond"])
             uncond = tuple(c[rows] for c in r["uncond"])
             for j in range(columns.shape[1]):
-                col = columns[:, j].to(self.device)
-                log_prob = transition_log_prob(
-                    self.bundle.denoise, self.scheduler, r["latents"][rows, col], r["timesteps"][rows, col],
-                    r["latents"][rows, col + 1], cond, uncond, s["guidance_scale"], s["eta"])
-                loss, kl, clipped = ppo_loss(r["advantages"][rows], log_prob, r["log_probs"][rows, col],
-                                             p["clip_range"], p["adv_clip_max"])
-                self.manual_backward(loss / terms)
-                stats.append(torch.stack([loss.detach(), kl, clipped]))
+                out = self.transition_terms(rows, columns[:, j].to(self.device), cond, uncond)
+                self.manual_backward(out["loss"] / terms)
+                stats.append({k: v.detach() for k, v in out.items()})
         grad_norm = optimizer_step(self, self.guard, self.gradient_clip)
-        loss, kl, clipped = torch.stack(stats).mean(0)
+        means = {f"train/{k}": torch.stack([s[k] for s in stats]).mean() for k in stats[0]}
         if grad_norm is None:  # rejected, gradients dropped: the update still takes its slot (no weight moves), so
             opt.step()         # epochs and checkpoints stay on their boundaries
             sched.step()
             grad_norm = torch.tensor(float("nan"))
         else:
-            self.guard.update(loss.item())
-        return {"train/loss": loss, "train/approx_kl": kl, "train/clip_fraction": clipped, "train/grad_norm": grad_norm,
-                "train/lr": sched.get_last_lr()[0], "guard/skipped_updates": float(self.guard.rejected)}
+            self.guard.update(means["train/loss"].item())
+        return {**means, "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0],
+                "guard/skipped_updates": float(self.guard.rejected)}
 
     # -- loop -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
@@ -295,6 +304,12 @@ class DDPOStage(L.LightningModule):
             self.guard.load_state_dict(state["guard"])
         if self.tracker is not None and state["tracker"] is not None:
             self.tracker.load_state_dict(state["tracker"])
+
+
+def concat_batches(batches: list[dict]) -> dict:
+    """Sampling batches' tensors concatenated along the batch dim (the conditioning tuples element-wise)."""
+    return {k: tuple(torch.cat(parts) for parts in zip(*(b[k] for b in batches))) if k in ("cond", "uncond")
+            else torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
 class _Repeat(torch.utils.data.IterableDataset):
