@@ -130,7 +130,8 @@ faults: install
 	$(PY) -m pytest -q -m faults
 
 distributed: install
-	$(PY) -m pytest -q -m "" tests/test_distributed.py
+	$(PY) -m pytest -q -m "" tests/test_distributed.py \
+		tests/test_grpo.py::test_grpo_on_two_processes_counts_every_ranks_queries
 
 smoke: install
 	rm -rf outputs/smoke

@@ -234,6 +234,7 @@ def test_group_relative_policy_gradient_on_the_flow_sde_raises_a_reward():
     assert sum(means[-3:]) / 3 > means[0] + 0.5
 
 
+@pytest.mark.matrix  # two processes: make distributed
 def test_grpo_on_two_processes_counts_every_ranks_queries(tmp_path):
     """DDP on two CPU processes (gloo): each rank samples its own groups; rewards are gathered for the count."""
     import subprocess
