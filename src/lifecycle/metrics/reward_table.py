@@ -33,9 +33,7 @@ def score_prompts(bundle, reward: WeightedSum, prompts: list[str], *, oracle: bo
     """Sample one video per prompt (:func:`sample_videos` with `sampling`) and score it: reward mean/std,
     each term, oracle fidelity."""
     videos = sample_videos(bundle, prompts, **sampling)
-    batch_size = sampling["batch_size"]
-    parts = {name: torch.cat([term(v, p) for v, p in _chunks(videos, prompts, batch_size)])
-             for name, term in reward.terms.items()}
+    parts = reward_terms(reward, videos, prompts, sampling["batch_size"])
     total = sum(reward.weights[name] * score for name, score in parts.items())
     row = {"reward": total.mean().item(), "reward_std": total.std(correction=0).item(), "n": len(prompts)}
     row.update({f"reward/{name}": score.mean().item() for name, score in parts.items()})
@@ -43,6 +41,12 @@ def score_prompts(bundle, reward: WeightedSum, prompts: list[str], *, oracle: bo
         fidelity = prompt_fidelity(videos, prompts)
         row.update({k: fidelity[k] for k in ORACLE_COLUMNS})
     return videos, row
+
+
+def reward_terms(reward: WeightedSum, videos: torch.Tensor, prompts: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+    """Each term of `reward` on each video (unweighted), scored `batch_size` videos at a time."""
+    return {name: torch.cat([term(v, p) for v, p in _chunks(videos, prompts, batch_size)])
+            for name, term in reward.terms.items()}
 
 
 def _chunks(videos: torch.Tensor, prompts: list[str], size: int):

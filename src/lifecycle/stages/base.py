@@ -19,7 +19,9 @@ from typing import ClassVar, Optional
 
 from omegaconf import MISSING, DictConfig
 
+from ..callbacks.reward_curve import JUDGE_ACTIONS, reward_file
 from ..config import check_prompts, positive
+from ..data.oracle import ORACLE_COLUMNS
 from ..errors import ConfigError
 
 
@@ -72,6 +74,12 @@ class CurveConfig:
     guidance_scale: float = 3.0
     seed: int = 0
     batch_size: int = 48
+
+
+@dataclass
+class JudgeGuardConfig:
+    margin: float = 0.1  # the judges' mean may fall this far below its best (while the reward rises) before acting
+    action: str = "stop"  # stop | best | log: stop training, or train on; both keep the best-by-judge weights
 
 
 @dataclass
@@ -141,6 +149,8 @@ class AlignmentConfig(FineTuneConfig):
     evaluation: Optional[EvaluationConfig] = field(default_factory=EvaluationConfig)
     curve: CurveConfig = field(default_factory=CurveConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    judge: list[str] = field(default_factory=list)  # held-out judges on the curve (oracle scores or reward names)
+    judge_guard: JudgeGuardConfig = field(default_factory=JudgeGuardConfig)
 
     @classmethod
     def uses_reward(cls, stage: DictConfig) -> bool:
@@ -160,4 +170,26 @@ class AlignmentConfig(FineTuneConfig):
             raise ConfigError(f"stage.curve.every_n_steps: must be >= 0 (0: off), got {curve.every_n_steps}")
         if curve.every_n_steps:
             check_prompts(cfg, "train")
+        check_judge(cfg)
+
+
+def check_judge(cfg: DictConfig) -> None:
+    """`stage.judge`: names an oracle score or a conf/reward file, not a reward the stage optimises, and is measured
+    on the curve's points; `stage.judge_guard` has a known action and a margin >= 0."""
+    st = cfg.stage
+    if not st.judge:
+        return
+    if not st.curve.every_n_steps:
+        raise ConfigError("stage.judge: judges are measured on the reward curve's points; set stage.curve.every_n_steps")
+    for name in st.judge:
+        if name in (cfg.get("reward") or {}):
+            raise ConfigError(f"stage.judge: {name!r} is a reward this stage optimises; a judge must be held out")
+        if name not in ORACLE_COLUMNS and not reward_file(name).is_file():
+            raise ConfigError(f"stage.judge: {name!r} is neither an oracle score ({', '.join(ORACLE_COLUMNS)}) nor a "
+                              f"reward file ({reward_file(name)})")
+    if st.judge_guard.action not in JUDGE_ACTIONS:
+        raise ConfigError(f"stage.judge_guard.action: expected one of {', '.join(JUDGE_ACTIONS)}, "
+                          f"got {st.judge_guard.action!r}")
+    if st.judge_guard.margin < 0:
+        raise ConfigError(f"stage.judge_guard.margin: must be >= 0, got {st.judge_guard.margin}")
 

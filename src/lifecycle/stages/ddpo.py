@@ -267,6 +267,11 @@ class DDPOStage(L.LightningModule):
                         "train/reward_queries": float(self.reward_queries), "train/epoch": float(epoch)},
                  "reward", rewards.mean())
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether a checkpoint may fall here (between epochs); a judge guard's stop waits for it."""
+        return self.updates % self.updates_per_epoch == 0
+
     def epoch_generator(self, epoch: int) -> torch.Generator:
         """Noise, sampling noise and PPO shuffles of an epoch depend on (seed, epoch, rank) alone: resume is exact."""
         return torch.Generator().manual_seed(step_seed(self.seed, epoch, self.global_rank))

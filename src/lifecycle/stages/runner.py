@@ -286,13 +286,20 @@ class TrainingRun:
         curve = []
         if s.get("curve") is not None and s.curve.every_n_steps:
             curve = reward_curve(s.curve, bundle, self.reward, self.prompt_sets["train"], run_dir, sampling,
-                                 self.curve_offset())
+                                 self.curve_offset(), list(s.get("judge") or []), s.get("judge_guard"))
         trainer = build_trainer(self.trainer_config(module), run_dir, [*curve, *self.callbacks(module)],
                                 self.max_steps(module))
         start = time.time()
         trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg, run_dir, trainer), weights_only=True)
         save_last(trainer, run_dir)
         result = {"steps": trainer.global_step, "fit_seconds": round(time.time() - start, 1)}
+        for callback in curve:  # the judge guard: the best-by-judge weights back for the evaluation and export
+            if (judged := callback.finish(module)) is not None:
+                result["judge"] = judged
+                if judged["restored_best"]:
+                    log.info("judge guard: evaluating and exporting the weights of step %d (best %s %.4g), not those "
+                             "of step %d (checkpoints/last.ckpt)", judged["best"]["step"], "/".join(judged["judge"]),
+                             judged["best"]["judge"], judged["last_step"])
 
         if evaluation is not None:
             for_evaluation(cfg, bundle, self.reward, trainer=trainer)
