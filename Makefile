@@ -12,7 +12,8 @@
 #   Also failed checkpoint writes, recipe resume, run-directory ownership, resume with a changed config.
 # make distributed: every training stage under DDP and FSDP on two CPU processes, LoRA and full fine-tuning.
 # make vader-report: align the demo's pre-trained model with VADER over 3 seeds, reward/fidelity before and after.
-# make compare: VADER vs DDPO vs Diffusion-DPO from the demo's pre-trained model, 3 seeds (report.md + plots).
+# make compare: VADER, DDPO, Diffusion-DPO, GRPO and NFT from the demo's pre-trained model, 3 seeds, with the judge
+#   guard and the resolution experiment (16/32/64 px); report.md + plots. COMPARE_ARGS="--methods VADER GRPO" etc.
 # make sweep: VADER K x learning rate from the demo's pre-trained model (Hydra multirun), one table of the jobs.
 # make recaption-report: pre-train on the demo's curated clips with raw captions vs recaptions; held-out fidelity.
 # make bench: the pre-training step against a plain diffusers loop on the same models and batches (a table).
@@ -96,7 +97,7 @@ vader-report: install
 
 compare: install
 	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
-	$(PY) -m lifecycle.bench.compare --pretrained $(PRETRAINED) --out outputs/compare $(COMPARE_ARGS)
+	$(PY) -m lifecycle.bench.compare --pretrained $(PRETRAINED) --out outputs/compare --resolutions 16 32 64 $(COMPARE_ARGS)
 
 sweep: install
 	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo

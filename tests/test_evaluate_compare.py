@@ -69,14 +69,24 @@ def test_compare_spends_the_same_reward_queries_on_each_method(tmp_path):
     def value(run, key):
         return next(o.split("=", 1)[1] for o in reversed(run) if o.startswith(key + "="))
 
-    (vader,), (ddpo,), (prefs, dpo) = plans["VADER"], plans["DDPO"], plans["Diffusion-DPO"]
+    (vader,), (guarded,), (ddpo,), (prefs, dpo) = (plans[m] for m in ("VADER", "VADER + judge guard", "DDPO",
+                                                                       "Diffusion-DPO"))
+    (grpo,), (nft,) = plans["GRPO"], plans["NFT"]
     assert int(value(vader, "stage.batch_size")) * 120 == 480 and value(vader, "stage.steps") == "7"  # user wins
     assert int(value(ddpo, "stage.epochs")) * int(value(ddpo, "stage.sample.batch_size")) * 2 == 480
     assert int(value(prefs, "stage.repeats")) * int(value(prefs, "stage.candidates")) * 24 == 480
+    for run in (grpo, nft):
+        assert int(value(run, "stage.epochs")) * int(value(run, "stage.sample.batch_size")) * \
+            int(value(run, "stage.sample.num_batches")) == 480
     assert value(dpo, "stage.pairs") == value(prefs, "stage.out")
+    alignment = (vader, guarded, ddpo, dpo, grpo, nft)
     assert all(value(run, "reward") == "colour" and value(run, "seed") == "1" and value(run, "model.pretrained") == "/m"
-               for run in (vader, ddpo, prefs, dpo))
+               for run in (*alignment, prefs))
     assert not any(o.startswith("stage.steps") for o in prefs)  # stage keys reach the alignment stages only
+    # every alignment run logs the judge without acting on it, but the guarded run stops on it
+    assert all(value(run, "stage.judge") == "[colour_accuracy,direction_accuracy]" for run in alignment)
+    assert [value(run, "stage.judge_guard.action") for run in alignment] == ["log", "stop", "log", "log", "log", "log"]
+    assert len({value(run, "run_dir") for run in alignment}) == len(alignment)
 
 
 def test_compare_report_has_table_one_and_both_plots(tmp_path):
@@ -91,15 +101,37 @@ def test_compare_report_has_table_one_and_both_plots(tmp_path):
     results = {"VADER": {0: run(0.3, 0.5, [0, 4, 8], [0, 1, 2]), 1: run(0.3, 0.7, [0, 4, 8], [0, 1, 4])},
                "DDPO": {0: run(0.3, 0.3, [0, 4, 8], [0, 5, 9]), 1: run(0.3, 0.32, [0, 4, 8], [0, 5, 10])},
                "Diffusion-DPO": {0: run(0.3, 0.4, [8, 8, 8], [3, 4, 5]), 1: run(0.3, 0.4, [8, 8, 8], [3, 4, 6])}}
-    text = compare.report(results, "colour", 8, tmp_path)
-    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    guarded = run(0.3, 0.4, [0, 4, 8], [0, 1, 2])
+    for point, judge in zip(guarded["curve"], (0.9, 0.95, 0.6)):
+        point["judge"] = judge
+    guarded["curve"][-1]["judge_guard"] = "tripped"
+    guarded["judge"] = {"margin": 0.1, "best": {"step": 1, "judge": 0.95, "reward": 0.35},
+                        "tripped": {"step": 2, "judge": 0.6, "reward": 0.4}}
+    for seed in (0, 1):
+        for point, judge in zip(results["VADER"][seed]["curve"], (0.9, 0.8, 0.5)):
+            point["judge"] = judge
+    results["VADER + judge guard"] = {0: guarded, 1: guarded}
+    text = compare.report(results, "colour", 8, tmp_path, resolution={16: {"VADER": {"train": 0.1, "test": 0.05},
+                                                                          "DDPO": {"train": 0.0, "test": -0.01}}})
+    table_one = text.split("Ordering")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table_one.splitlines() if line.startswith("| ")}
     assert rows["base"].startswith("| base | 0.3000 ± 0.0000 | 0.3000 ± 0.0000")
     assert rows["VADER"].startswith("| VADER | 0.6000 ± 0.1000 | 0.6000 ± 0.1000") and "| 8 | 3 ± 1 |" in rows["VADER"]
     assert "| 8 | 10 ± 0 |" in rows["DDPO"]
-    assert "Ordering by held-out reward: VADER > Diffusion-DPO > DDPO." in text
-    for name in ("reward_vs_queries.png", "reward_vs_seconds.png"):
+    assert "Ordering by held-out reward: VADER > Diffusion-DPO > VADER + judge guard > DDPO." in text
+    # VADER's mean gain: ((0.5 - 0.3) + (0.7 - 0.3)) / 2 = 0.3. Level 25% (0.375): seed 0 (0.3, 0.4, 0.5 at 0, 4, 8 q;
+    # 0, 1, 2 s) at 3/4 of its first interval: 3 q, 0.75 s; seed 1 (0.3, 0.5, 0.7; 0, 1, 4 s) at 3/8: 1.5 q, 0.375 s;
+    # mean 2.25 q, 0.56 s. 50% (0.45): 6 q, 1.5 s and 3 q, 0.75 s. 75% (0.525): seed 1 only, 4.5 q, 1.375 s.
+    assert "| 25% (+0.0750) | 50% (+0.1500) | 75% (+0.2250) |" in text
+    assert "| VADER | 2 q, 1 s | 4 q, 1 s | 4 q, 1 s (1/2 seeds) |" in text  # 4.5 rounds to even
+    assert "Judge guard (margin 0.1)" in text
+    assert "| 1 | 0.950 (1) | 2 (0.4000, 0.600) | 0.7000, 0.500 | 0.500 / 0.500 (0.500 / 0.500) |" in text
+    assert "| 16 px | +0.1000 / +0.0500 | +0.0000 / -0.0100 |" in text
+    assert "| DDPO | not reached | not reached | not reached |" in text
+    for name in ("reward_vs_queries.png", "reward_vs_seconds.png", "resolution_gain.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "results.json").read_text())["DDPO"]["1"]["table"]["after"]["test"]["reward"] == 0.32
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["methods"]["DDPO"]["1"]["table"]["after"]["test"]["reward"] == 0.32
 
 
 def test_report_curves_come_from_each_exports_run_log(tmp_path):
