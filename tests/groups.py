@@ -80,6 +80,7 @@ EXCEPTIONS = {
                               "test_dpo_on_a_flow_matching_model", "test_dpo_reward_curve_starts_where_the_pairs_left_off"]},
     "test_evaluate_compare.py": {"unit": ["test_compare_spends_the_same_reward_queries_on_each_method",
                                           "test_compare_report_has_table_one_and_both_plots",
+                                          "test_compare_runs_a_finished_run_only_when_its_overrides_changed",
                                           "test_report_curves_come_from_each_exports_run_log",
                                           "test_grid_columns_are_labelled_with_their_prompts_wrapped_to_the_cell"]},
     "test_faults.py": {"recipe": ["test_an_interrupted_recipe_exits_non_zero_and_leaves_its_stage_unfinished"],

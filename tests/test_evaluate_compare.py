@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -188,3 +189,19 @@ def test_eval_takes_image_and_image_to_video_exports(tmp_path, model, frames):
     if frames == 1:  # a still: nothing changes between frames
         assert test["temporal_consistency"] == 1.0 and test["motion"] == 0.0
     assert decode_video((tmp_path / "eval" / "report" / "grid_test.gif").read_bytes()).shape[0] == frames
+
+
+def test_compare_runs_a_finished_run_only_when_its_overrides_changed(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(overrides):
+        calls.append(overrides)
+        Path(overrides[-1].split("=", 1)[1]).mkdir(parents=True, exist_ok=True)
+        return {"steps": len(calls)}
+
+    monkeypatch.setattr(compare, "run_overrides", fake)
+    plan = [["stage=preferences", f"run_dir={tmp_path / 'a'}"], ["stage=dpo", f"run_dir={tmp_path / 'b'}"]]
+    assert compare.run_plan(plan) == {"steps": 2}
+    assert compare.run_plan(plan) == {"steps": 2} and len(calls) == 2  # both finished: nothing runs, same result
+    changed = [plan[0], ["stage=dpo", "stage.steps=5", f"run_dir={tmp_path / 'b'}"]]
+    assert compare.run_plan(changed) == {"steps": 3} and calls[-1] == changed[1]

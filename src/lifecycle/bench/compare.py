@@ -23,6 +23,9 @@ seeds), the reward queries and seconds each method needs to reach fixed shares o
 reward_vs_queries.png (reward beside judge), reward_vs_seconds.png (its Figure 7). `--resolutions` adds its Figure 4
 (the gain of reward-gradient and policy-gradient methods as the resolution grows): `--resolution-methods` at each
 resolution, seed `--seeds[0]`, in `<out>/resolution/`.
+
+A finished run is not run again (its run directory's compare.json records its overrides and result): run seeds side
+by side (`--seeds 0` and `--seeds 1` in two processes, then all seeds once more to collect them into the report).
 """
 
 import argparse
@@ -288,9 +291,16 @@ def plot_resolution(gains: dict[int, dict[str, dict]], path: Path) -> None:
 
 
 def run_plan(plan: list[list[str]]) -> dict:
+    """Run each stage of `plan`, skipping one whose run directory holds the result of the same overrides (a finished
+    run: `make compare` after an interruption, or seeds run side by side, goes on where it stopped); the last result."""
     result = {}
     for overrides in plan:
+        done = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1]) / "compare.json"
+        if done.is_file() and json.loads(done.read_text())["overrides"] == overrides:
+            result = json.loads(done.read_text())["result"]
+            continue
         result = run_overrides(overrides)
+        done.write_text(json.dumps({"overrides": overrides, "result": result}, indent=1))
     return result
 
 
