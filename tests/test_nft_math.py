@@ -1,8 +1,10 @@
-"""DiffusionNFT math: optimality probabilities, the implicit positive/negative policies, the loss by hand."""
+"""DiffusionNFT math: optimality probabilities, the implicit positive/negative policies, the loss by hand for a flow
+model and a DDPM epsilon model, and the same loss whatever the network predicts."""
 
 import pytest
 import torch
 
+from lifecycle.diffusion.noise import convert_prediction
 from lifecycle.diffusion.nft import implicit_policies, nft_loss, optimality_probability
 
 # Two samples of two dims, noised at t = 0.5 and 0.25: x_t = (1 − t)·x0 + t·noise, target v = noise − x0.
@@ -14,6 +16,7 @@ V_OLD = torch.zeros(2, 2)
 V_THETA = torch.tensor([[-2.0, 2.0], [2.0, 0.0]])
 R = torch.tensor([1.0, 0.25])
 BETA = 0.5
+FLOW = ("flow", V_THETA, V_OLD, X_T, 1 - T, T, X0, NOISE)  # the flow path: alpha = 1 − t, sigma = t
 
 
 def test_optimality_probability_by_hand():
@@ -33,7 +36,7 @@ def test_nft_loss_by_hand_plain():
     """v⁺ = ((−1, 1), (1, 0)), v⁻ = ((1, −1), (−1, 0)), v = ((−1, 1), (1, −2)).
     E⁺ = (0, (0 + 4)/2 = 2), E⁻ = (4, 4); loss = mean(1·0 + 0·4, 0.25·2 + 0.75·4)/β = 1.75/0.5."""
     assert torch.equal(X_T, (1 - T[:, None]) * X0 + T[:, None] * NOISE)
-    terms = nft_loss(V_THETA, V_OLD, X_T, T, X0, NOISE, R, BETA, adaptive=False)
+    terms = nft_loss(*FLOW, R, BETA, adaptive=False)
     assert terms.loss.item() == pytest.approx(3.5)
     assert (terms.positive.item(), terms.negative.item()) == pytest.approx((1.0, 4.0))
 
@@ -42,7 +45,7 @@ def test_nft_loss_by_hand_adaptive():
     """x0_hat − x0 = t·(v − v±): sample 0: (0, 0) and (−1, 1); sample 1: (0, −0.5) and (0.5, −0.5). Divided by
     their mean absolute values (floor 1e-5 for the exact one): E⁺ = (0, 0.125/0.25), E⁻ = (1/1, 0.25/0.5);
     loss = mean(1·0 + 0·1, 0.25·0.5 + 0.75·0.5)/β = 0.25/0.5."""
-    terms = nft_loss(V_THETA, V_OLD, X_T, T, X0, NOISE, R, BETA, adaptive=True)
+    terms = nft_loss(*FLOW, R, BETA, adaptive=True)
     assert terms.loss.item() == pytest.approx(0.5)
     assert (terms.positive.item(), terms.negative.item()) == pytest.approx((0.25, 0.75))
 
@@ -62,10 +65,10 @@ def test_gradients_pull_towards_positive_and_push_from_negative_samples():
     }
     for (r, adaptive), grad in expected.items():
         leaf = v_theta.clone().requires_grad_()
-        nft_loss(leaf, v_old, x_t, t, x0, noise, torch.tensor([r]), BETA, adaptive).loss.backward()
+        nft_loss("flow", leaf, v_old, x_t, 1 - t, t, x0, noise, torch.tensor([r]), BETA, adaptive).loss.backward()
         torch.testing.assert_close(leaf.grad, grad, msg=f"r={r}, adaptive={adaptive}")
     leaf = v_old.clone().requires_grad_()
-    nft_loss(leaf, v_old, x_t, t, x0, noise, torch.tensor([0.5]), BETA, adaptive=False).loss.backward()
+    nft_loss("flow", leaf, v_old, x_t, 1 - t, t, x0, noise, torch.tensor([0.5]), BETA, adaptive=False).loss.backward()
     assert leaf.grad.abs().max() < 1e-6  # float32 rounding of v⁺ and v⁻
 
 
@@ -83,13 +86,38 @@ def test_the_minimiser_moves_from_the_negative_towards_the_positive_sample():
     opt = torch.optim.SGD([v_theta], lr=1.0)
     for _ in range(300):
         opt.zero_grad()
-        loss = nft_loss(v_theta.expand(2, -1), v_old.expand(2, -1), x_t.expand(2, -1), t, x0, noise,
+        loss = nft_loss("flow", v_theta.expand(2, -1), v_old.expand(2, -1), x_t.expand(2, -1), 1 - t, t, x0, noise,
                         torch.tensor([1.0, 0.0]), BETA, adaptive=False).loss
         loss.backward()
         opt.step()
     torch.testing.assert_close(v_theta.detach(), v_old + (v_good - v_bad) / (2 * BETA), rtol=0, atol=1e-4)
 
 
+def test_nft_loss_by_hand_ddpm_epsilon():
+    """alpha = 0.6, sigma = 0.8, x0 = (1, 0), ε = (0, 1): x_t = (0.6, 0.8); ε_old = 0, ε_θ = (1, −1), β = ½, r = ¾.
+    ε⁺ = (0.5, −0.5), ε⁻ = (−0.5, 0.5). Plain: E⁺ = (0.25 + 2.25)/2 = 1.25, E⁻ = (0.25 + 0.25)/2 = 0.25,
+    loss = (0.75·1.25 + 0.25·0.25)/0.5 = 2. Adaptive: x0_hat − x0 = −(σ/α)·(ε± − ε) = −(4/3)·(ε± − ε):
+    (−2/3, 2) and (2/3, 2/3); E⁺ = (20/9)/(4/3) = 5/3, E⁻ = (4/9)/(2/3) = 2/3, loss = (0.75·5/3 + 0.25·2/3)/0.5 = 17/6."""
+    x0, eps, alpha, sigma = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0.6]), torch.tensor([0.8])
+    x_t = torch.tensor([[0.6, 0.8]])
+    args = ("epsilon", torch.tensor([[1.0, -1.0]]), torch.zeros(1, 2), x_t, alpha, sigma, x0, eps, torch.tensor([0.75]), BETA)
+    plain, adaptive = nft_loss(*args, adaptive=False), nft_loss(*args, adaptive=True)
+    assert (plain.loss.item(), plain.positive.item(), plain.negative.item()) == pytest.approx((2.0, 1.25, 0.25))
+    assert (adaptive.loss.item(), adaptive.positive.item(), adaptive.negative.item()) == pytest.approx((17 / 6, 5 / 3, 2 / 3))
+
+
+@pytest.mark.parametrize("kind", ["sample", "epsilon"])
+def test_the_adaptive_loss_is_the_same_whatever_the_network_predicts(kind):
+    """A flow model's outputs re-expressed as another kind at the same x_t (alpha = 1 − t, sigma = t) imply the same
+    clean samples, so the same implicit policies and the same adaptive loss and gradient direction."""
+    alpha, sigma = 1 - T, T
+    theta, old = (convert_prediction(v, "flow", kind, X_T, alpha, sigma) for v in (V_THETA, V_OLD))
+    for r in (R, torch.tensor([0.0, 1.0])):
+        flow = nft_loss(*FLOW, r, BETA).loss
+        other = nft_loss(kind, theta, old, X_T, alpha, sigma, X0, NOISE, r, BETA).loss
+        torch.testing.assert_close(other, flow)
+
+
 def test_beta_must_be_positive():
     with pytest.raises(ValueError, match="beta"):
-        nft_loss(V_THETA, V_OLD, X_T, T, X0, NOISE, R, 0.0)
+        nft_loss(*FLOW, R, 0.0)
