@@ -99,7 +99,8 @@ STAGES = {
     "vader": ["stage=vader", "reward=vivid", "stage.steps=2", "stage.batch_size=2", "stage.sampling.num_steps=4",
               "stage.evaluation.num_steps=2"],
 }
-IN_SUITE = {("sft", "fsdp", "lora"), ("dpo", "fsdp", "full"), ("vader", "fsdp", "lora")}  # DDPO: test_ddpo.py runs 2 ranks
+# DDPO: test_ddpo.py runs 2 ranks; GRPO: test_grpo.py, DDP and FSDP2 (make distributed)
+IN_SUITE = {("sft", "fsdp", "lora"), ("dpo", "fsdp", "full"), ("vader", "fsdp", "lora")}
 MATRIX = [pytest.param(stage, strategy, tuning, marks=() if (stage, strategy, tuning) in IN_SUITE else pytest.mark.matrix)
           for stage in STAGES for strategy in STRATEGIES for tuning in ("lora", "full")]
 

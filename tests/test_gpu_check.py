@@ -18,7 +18,7 @@ from lifecycle.stages.runner import stage_device
 
 from .helpers import CONF_DIR
 
-REAL_RECIPES = ["modelscope_vader", "svd_vader_long", "sd15_dpo", "sd15_ddpo", "wan_lora"]
+REAL_RECIPES = ["modelscope_vader", "svd_vader_long", "sd15_dpo", "sd15_ddpo", "wan_lora", "wan_grpo"]
 ENV = ("PICKAPIC_PAIRS", "SVD_IMAGES", "WAN_VIDEOS", "WAN_PAIRS")  # the recipes' data a user brings: folders
 
 
@@ -102,6 +102,7 @@ def test_dry_run_real_recipes(tmp_path):
     assert rows["modelscope_vader"]["keys"]["memory.frozen_dtype"] == "bf16"
     assert rows["svd_vader_long"]["keys"]["memory.offload_activations"] is True
     assert "| modelscope_vader | vader | 4 x 32 |" in text
+    assert rows["wan_grpo"]["stage"] == "grpo" and rows["wan_grpo"]["keys"]["lora.rank"] == 32  # the recipe's LoRA
 
 
 def test_dry_run_bench(tmp_path):

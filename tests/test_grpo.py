@@ -187,6 +187,24 @@ def test_interrupted_and_resumed_grpo_ends_identical(tmp_path, monkeypatch):
     assert [r["train/loss"] for r in _metrics(resumed)] == [r["train/loss"] for r in _metrics(straight)]
 
 
+def test_epoch_boundary_errors_name_grpo_not_ddpo(tmp_path):
+    """GRPO runs DDPO's loop: its checkpoint and resume errors name the stage that wrote the checkpoint."""
+    from lifecycle.models import build_bundle
+    from lifecycle.rewards.base import build_reward
+
+    cfg = compose_cfg(tmp_path, *FAST, "model=tiny_flow", "stage.kl_beta=0", "stage.ppo.accumulate=1")
+    run = grpo.GRPORun(cfg)
+    run.reward, run.prompt_sets = build_reward(cfg.reward), {"train": list(cfg.prompts.train)}
+    module = run.module(build_bundle(cfg.model))
+    assert module.updates_per_epoch == 2
+    module.updates = 1
+    with pytest.raises(RuntimeError, match="^GRPO checkpoints fall on epoch boundaries; got one after update 1$"):
+        module.on_save_checkpoint({})
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="^trainer.resume: the GRPO checkpoint is 3 updates in, not on an epoch"):
+        module.on_load_checkpoint({"state_dict": trainable, "lifecycle": {"updates": 3, "reward_queries": 12}})
+
+
 class Drift(torch.nn.Module):
     """A flow "model" with constant velocity v = −b: the sampled videos' mean grows with b."""
 
@@ -235,18 +253,32 @@ def test_group_relative_policy_gradient_on_the_flow_sde_raises_a_reward():
 
 
 @pytest.mark.matrix  # two processes: make distributed
-def test_grpo_on_two_processes_counts_every_ranks_queries(tmp_path):
-    """DDP on two CPU processes (gloo): each rank samples its own groups; rewards are gathered for the count."""
+@pytest.mark.parametrize("strategy,tuning", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
+def test_grpo_on_two_processes_counts_every_ranks_queries(tmp_path, strategy, tuning):
+    """Two CPU processes (gloo): each rank samples its own groups; rewards are gathered for the count. Under
+    FSDP2 the checkpoint is sharded (one file per rank) and the KL reference is the adapter-free sharded network
+    (LoRA) or the unsharded frozen copy of the start (full fine-tuning)."""
     import subprocess
     import sys
+
+    from lifecycle.checkpointing import read_checkpoint
 
     from .helpers import TINY
 
     run_dir = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "lifecycle", *FAST, *TINY, "model=tiny_flow", "stage.evaluation=null",
-                    "stage.kl_beta=0.1", "trainer.devices=2", "trainer.strategy=ddp",
-                    "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"], check=True, capture_output=True,
-                   text=True)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["lifecycle"]
+    strategy_args = (["trainer.strategy=ddp"] if strategy == "ddp" else
+                     ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true"])
+    done = subprocess.run([sys.executable, "-m", "lifecycle", *FAST, *TINY, "model=tiny_flow", "stage.evaluation=null",
+                           "stage.kl_beta=0.1", *(["stage.lora=null"] if tuning == "full" else []),
+                           *strategy_args, "trainer.devices=2", "trainer.enable_progress_bar=false",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if strategy == "fsdp":
+        assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    state = read_checkpoint(ckpt)["lifecycle"]
     assert state["reward_queries"] == 2 * 4 * 2  # epochs x videos per rank x ranks
-    assert [float(r["train/reward_queries"]) for r in _metrics(run_dir)] == [8, 8, 16, 16]
+    rows = _metrics(run_dir)
+    assert [float(r["train/reward_queries"]) for r in rows] == [8, 8, 16, 16]
+    assert all(math.isfinite(float(r["train/kl"])) for r in rows) and float(rows[-1]["train/kl"]) > 0
+    assert (run_dir / "export" / "model_index.json").is_file()

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from lifecycle.data.preferences import write_pairs
 from lifecycle.data.raw_world import write_raw
 from lifecycle.models import ModelBundle
-from lifecycle.models.stand_ins import MINIATURES, model_config, model_folder, reward_folder
+from lifecycle.models.stand_ins import MINIATURES, REWARD_KEYS, model_config, model_folder, recipe_rewards, \
+    reward_folder
 from lifecycle.recipes import load_recipe
 
 from .test_dpo import colour_pairs
@@ -78,6 +79,8 @@ SHRINK = {
     "sft": ["stage.curriculum=[{name: sft, resolution: 32, frames: 5, batch_size: 2, steps: 2}]",
             "stage.validation.prompts.n=2", "stage.validation.num_steps=2", "stage.validation.batch_size=2"],
     "dpo": ["stage.frames=5", "stage.resolution=32", "stage.steps=2", "stage.accumulate=1", "stage.evaluation.num_steps=2"],
+    "grpo": ["stage.frames=5", "stage.resolution=32", "stage.epochs=1", "stage.sample.num_steps=2",
+             "stage.evaluation.num_steps=2"],
     "eval": ["stage.frames=5", "stage.resolution=32", "stage.evaluation.num_steps=2", "stage.metrics=false"],
 }
 CPU = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
@@ -96,12 +99,16 @@ def miniature_recipe(name: str, out: Path) -> Path:
 
 
 def run_miniature(name: str, tmp_path: Path, *overrides: str, env: dict) -> dict:
-    model = next(o.split("=", 1)[1] for o in load_recipe(name).overrides if o.startswith("model="))
-    clip = reward_folder("aesthetic", tmp_path / "aesthetic")
+    """The miniature recipe on the CPU, its model and reward backbones random stand-ins at miniature width."""
+    recipe = load_recipe(name).overrides
+    model = next(o.split("=", 1)[1] for o in recipe if o.startswith("model="))
+    # the recipe's reward selection again on the command line, so that its keys exist there
+    rewards = [*(o for o in recipe if o.startswith("reward=")),
+               *(f"{REWARD_KEYS[r]}={reward_folder(r, tmp_path / r)}" for r in recipe_rewards(recipe))]
     done = subprocess.run(
         [sys.executable, "-m", "lifecycle", f"recipe={miniature_recipe(name, tmp_path / f'{name}.yaml')}",
          f"hydra.run.dir={tmp_path / 'run'}", f"model.pretrained={model_folder(model, tmp_path / model)}",
-         "reward=aesthetic", f"reward.aesthetic.clip={clip}", *CPU, *overrides],
+         *rewards, *CPU, *overrides],
         capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return json.loads((tmp_path / "run" / "recipe.json").read_text())
@@ -128,3 +135,21 @@ def test_wan_lora_recipe_runs_as_a_miniature(tmp_path):
     for stage in ("sft", "dpo"):  # FSDP2 gathered the LoRA for the ComfyUI file
         manifest = json.loads((tmp_path / "run" / stage / "export" / "lora_formats" / "formats.json").read_text())
         assert manifest["comfyui"]["modules_written"] == manifest["comfyui"]["modules_trained"] > 0
+
+
+def test_wan_grpo_recipe_runs_as_a_miniature(tmp_path):
+    """LoRA GRPO with weighted HPS + CLIP-score advantages per term -> eval on a miniature Wan2.1 (FSDP2, one
+    process): groups of the recipe's size, its two updates an epoch, both reward terms in the tables."""
+    result = run_miniature("wan_grpo", tmp_path, env={})
+    assert list(result["stages"]) == ["grpo", "eval"]
+    grpo = result["stages"]["grpo"]
+    assert grpo["steps"] == 2 and grpo["epochs"] == 1 and grpo["reward_queries"] == 12  # one group of 12
+    assert "after/train/reward" in grpo
+    for prompts in ("train", "test"):  # the recipe's weights: HPS : CLIP score = 0.7 : 1.4
+        row = result["stages"]["eval"]["grpo"][prompts]
+        assert row["reward"] == pytest.approx(0.7 * row["reward/hps"] + 1.4 * row["reward/clip_score"], rel=1e-5)
+    lineage = json.loads((tmp_path / "run" / "grpo" / "export" / "lineage.json").read_text())
+    assert lineage["reward_queries"] == 12 and lineage["config"]["stage"]["per_term_advantages"] is True
+    manifest = json.loads((tmp_path / "run" / "grpo" / "export" / "lora_formats" / "formats.json").read_text())
+    # to_q, to_k, to_v, to_out.0 of the self- and the cross-attention of the one block
+    assert manifest["comfyui"]["modules_written"] == manifest["comfyui"]["modules_trained"] == 8

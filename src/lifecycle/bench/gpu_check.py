@@ -36,13 +36,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import CONF_DIR
 from ..launch import run_stage
-from ..models.stand_ins import REWARD_KEYS, model_folder, reward_folder
+from ..models.stand_ins import REWARD_KEYS, model_folder, recipe_rewards, reward_folder
 from ..recipes import load_recipe
 from ..summary import headline, seconds
 from . import train_step
 
 SECTIONS = ("smoke", "fsdp", "real", "bench")
-TRAINING_STAGES = ("pretrain", "sft", "dpo", "ddpo", "vader", "reward_model")
+TRAINING_STAGES = ("pretrain", "sft", "dpo", "ddpo", "grpo", "vader", "reward_model")
 # Per real recipe: overrides that shorten its first training stage to a few steps without changing its shapes or
 # memory keys (evaluation: 2 sampling steps of the held-out prompts; no curve), and stand-ins for data it reads.
 REAL = {
@@ -54,12 +54,16 @@ REAL = {
     "svd_vader_long": ["stage.steps=3", "stage.accumulate=1", "stage.evaluation.num_steps=2", "stage.condition=synthetic",
                        "prompts.train=[a large red circle moving left quickly on a silver background]",
                        "prompts.test=[a small blue circle moving left quickly on a gray background]"],
+    "wan_grpo": ["stage.epochs=1", "stage.sample.num_steps=10", "stage.ppo.accumulate=1", "stage.evaluation.num_steps=2",
+                 "prompts.train=[a cat playing the piano]", "prompts.test=[a koala drinking coffee]"],
 }
 DRY_REAL = {  # CPU: the recipe's classes at miniature width, a few tiny frames
     "modelscope_vader": ["stage.frames=4", "stage.resolution=32", "stage.sampling.num_steps=3"],
     "sd15_ddpo": ["stage.resolution=32", "stage.sample.batch_size=2", "stage.ppo.batch_size=1",
                   "stage.sample.num_steps=3"],
     "svd_vader_long": ["stage.frames=4", "stage.resolution=32", "stage.sampling.num_steps=3", "stage.clips=2"],
+    "wan_grpo": ["stage.frames=5", "stage.resolution=32", "stage.sample.batch_size=2", "stage.sample.num_batches=1",
+                 "stage.sample.group_size=2", "stage.sample.num_steps=3", "stage.ppo.batch_size=1"],
 }
 # The keys that decide a training step's memory, as the report's memory table states them.
 MEMORY_KEYS = ("batch_size", "sample.batch_size", "ppo.batch_size", "lora.rank", "sampling.grad_steps", "decode_frames",
@@ -155,8 +159,7 @@ def real(out: Path, dry: bool, budget_end: float) -> dict:
         recipe = OmegaConf.to_container(load_recipe(name), resolve=False)  # ${oc.env:...} data paths: overridden below
         stage = next(s for s in recipe["stages"] if set(s["overrides"]) & {f"stage={k}" for k in TRAINING_STAGES})
         model = next(o.split("=", 1)[1] for o in recipe["overrides"] if o.startswith("model="))
-        reward = next(o.split("=", 1)[1] for o in recipe["overrides"] if o.startswith("reward="))
-        used = [r for r in REWARD_KEYS if r in reward.strip("[]").split(",")]
+        used = recipe_rewards(recipe["overrides"])
         for r in used:
             if r not in rewards:
                 rewards[r] = reward_folder(r, folders / r, miniature=dry, dtype=dtype)

@@ -5,7 +5,7 @@ A real model's config group (`conf/model/<name>.yaml`) holds its components' ful
 down by one override set (widths and depths only: the classes, the folder layout and the keys stay). `model_folder`
 saves such a build with `save_pretrained`, so it loads back through `from_pretrained` exactly as the hub folder
 would. `reward_folder` does the same for the reward backbones the real recipes name (CLIP ViT-L/14 for the
-aesthetic predictor, ViT-H/14 for HPS, V-JEPA 2 ViT-L), at real or miniature size.
+aesthetic predictor and the CLIP score, ViT-H/14 for HPS, V-JEPA 2 ViT-L), at real or miniature size.
 
 Used by `make gpu-check` (real shapes, random weights: step time and memory are what they would be with the
 published weights) and by the recipes' miniature tests (reduced width, CPU).
@@ -76,9 +76,12 @@ def _clip(vision: tuple[int, int, int, int], text: tuple[int, int, int, int], pr
 
 
 # Reward backbones: (model class, real-size config, miniature config).
+_VIT_L14 = (CLIPModel,  # ViT-L/14: the aesthetic predictor's backbone and the CLIP score's
+            lambda: _clip((1024, 4096, 24, 16), (768, 3072, 12, 12), 768, 224),
+            lambda: _clip((32, 64, 1, 2), (32, 64, 1, 2), 16, 28))
 REWARD_BACKBONES = {
-    "aesthetic": (CLIPModel, lambda: _clip((1024, 4096, 24, 16), (768, 3072, 12, 12), 768, 224),  # ViT-L/14
-                  lambda: _clip((32, 64, 1, 2), (32, 64, 1, 2), 16, 28)),
+    "aesthetic": _VIT_L14,
+    "clip_score": _VIT_L14,
     "hps": (CLIPModel, lambda: _clip((1280, 5120, 32, 16), (1024, 4096, 24, 16), 1024, 224),  # ViT-H/14
             lambda: _clip((32, 64, 1, 2), (32, 64, 1, 2), 16, 28)),
     "vjepa": (VJEPA2Model, VJEPA2Config,  # ViT-L, 256 px crops, tubelets of 2 frames
@@ -87,7 +90,15 @@ REWARD_BACKBONES = {
                                    num_pooler_layers=1)),
 }
 # The reward config key that takes the backbone's folder.
-REWARD_KEYS = {"aesthetic": "reward.aesthetic.clip", "hps": "reward.hps.model", "vjepa": "reward.vjepa.model"}
+REWARD_KEYS = {"aesthetic": "reward.aesthetic.clip", "clip_score": "reward.clip_score.model", "hps": "reward.hps.model",
+               "vjepa": "reward.vjepa.model"}
+
+
+def recipe_rewards(overrides) -> list[str]:
+    """The reward terms a recipe's `reward=` override names (`reward=a` or `reward=[a,b]`) that have a stand-in
+    backbone (REWARD_KEYS), in REWARD_KEYS order."""
+    named = [t.strip() for o in overrides if o.startswith("reward=") for t in o.split("=", 1)[1].strip("[]").split(",")]
+    return [r for r in REWARD_KEYS if r in named]
 
 
 def reward_folder(name: str, out: Path, miniature: bool = True, dtype: torch.dtype = torch.float32,

@@ -121,6 +121,8 @@ def updates_per_epoch(samples: int, ppo: dict) -> int:
 
 
 class DDPOStage(L.LightningModule):
+    method = "DDPO"  # the algorithm's name in messages and the report (subclasses name theirs)
+
     def __init__(
         self,
         bundle: ModelBundle,
@@ -292,7 +294,7 @@ class DDPOStage(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.updates % self.updates_per_epoch:
-            raise RuntimeError(f"DDPO checkpoints fall on epoch boundaries; got one after update {self.updates}")
+            raise RuntimeError(f"{self.method} checkpoints fall on epoch boundaries; got one after update {self.updates}")
         keep_trainable(self, checkpoint)
         checkpoint["lifecycle"] = {"updates": self.updates, "reward_queries": self.reward_queries,
                                    "tracker": self.tracker.state_dict() if self.tracker else None,
@@ -302,8 +304,8 @@ class DDPOStage(L.LightningModule):
         check_trainable(self, checkpoint)
         state = checkpoint["lifecycle"]
         if state["updates"] % self.updates_per_epoch:
-            raise ValueError(f"trainer.resume: the checkpoint is {state['updates']} updates in, not on an epoch boundary "
-                             f"({self.updates_per_epoch} updates per epoch: a different stage.ppo?)")
+            raise ValueError(f"trainer.resume: the {self.method} checkpoint is {state['updates']} updates in, not on an "
+                             f"epoch boundary ({self.updates_per_epoch} updates per epoch: a different stage.ppo?)")
         self.updates, self.reward_queries = state["updates"], state["reward_queries"]
         if "guard" in state:  # checkpoints written before DDPO had a guard lack it
             self.guard.load_state_dict(state["guard"])
@@ -334,7 +336,7 @@ class DDPORun(TrainingRun):
     """Evaluate `model.pretrained` on prompts.train/test, train with DDPO, evaluate again, export."""
 
     config = Config
-    method = "DDPO"
+    method = DDPOStage.method
 
     def check_bundle(self, bundle: ModelBundle) -> None:
         if bundle.image_encoder is not None or not isinstance(bundle.inference_scheduler(), DDIMScheduler):

@@ -97,6 +97,8 @@ class Config(AlignmentConfig):
 class GRPOStage(DDPOStage):
     """DDPO's epoch loop with grouped rollouts, group-normalised advantages and a KL penalty to the reference."""
 
+    method = "GRPO"
+
     def __init__(self, bundle: ModelBundle, reward, prompts: list[str], frames: int, resolution: int, sample: dict,
                  ppo: dict, kl_beta: float, per_term_advantages: bool, optimizer: dict, lr_scheduler: dict,
                  gradient_clip: float | None = 1.0, seed: int = 0, guard: dict | None = None):
@@ -212,7 +214,7 @@ class GRPORun(DDPORun):
     """Evaluate `model.pretrained` on prompts.train/test, train with GRPO, evaluate again, export."""
 
     config = Config
-    method = "GRPO"
+    method = GRPOStage.method
 
     def check_bundle(self, bundle: ModelBundle) -> None:
         if bundle.image_encoder is not None:
