@@ -97,7 +97,7 @@ vader-report: install
 
 compare: install
 	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo
-	$(PY) -m lifecycle.bench.compare --pretrained $(PRETRAINED) --out outputs/compare --resolutions 16 32 64 $(COMPARE_ARGS)
+	$(PY) -m lifecycle.bench.compare --pretrained $(PRETRAINED) --out outputs/compare --resolutions 16 32 64 --resolution-queries 480 $(COMPARE_ARGS)
 
 sweep: install
 	@test -f $(PRETRAINED)/model_index.json || $(MAKE) demo

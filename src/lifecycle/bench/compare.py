@@ -241,7 +241,8 @@ def gains_of(run: dict) -> dict[str, float]:
 
 
 def report(results: dict[str, dict[int, dict]], reward: str, queries: int, out: Path,
-           resolution: dict[int, dict[str, dict]] | None = None) -> str:
+           resolution: dict[int, dict[str, dict]] | None = None, resolution_seed: int = 0,
+           resolution_queries: int | None = None) -> str:
     (out / "results.json").write_text(json.dumps({"methods": results, "resolution": resolution}, indent=1))
     plot(results, "reward_queries", "reward queries (videos scored)", out / "reward_vs_queries.png", judge=True)
     plot(results, "seconds", "training wall-clock seconds (evaluation excluded)", out / "reward_vs_seconds.png")
@@ -264,7 +265,9 @@ def report(results: dict[str, dict[int, dict]], reward: str, queries: int, out: 
     text += ["![reward and judge against reward queries](reward_vs_queries.png)", "",
              "![reward against wall-clock seconds](reward_vs_seconds.png)", ""]
     if resolution:
-        text += ["Reward gain by resolution (the VADER paper's Figure 4; one seed):", "",
+        text += [f"Reward gain by resolution (the VADER paper's Figure 4; seed {resolution_seed}, "
+                 f"{resolution_queries or queries} reward "
+                 "queries per run):", "",
                  resolution_markdown(resolution), "![gain against resolution](resolution_gain.png)", ""]
         plot_resolution(resolution, out / "resolution_gain.png")
     (out / "report.md").write_text("\n".join(text))
@@ -315,6 +318,7 @@ def main() -> None:
                         help=f"of {list(DIRS)}")
     parser.add_argument("--resolutions", type=int, nargs="*", default=[], help="Figure 4: e.g. 16 32 64")
     parser.add_argument("--resolution-methods", nargs="+", default=["VADER", "GRPO"], choices=list(DIRS))
+    parser.add_argument("--resolution-queries", type=int, help="reward queries per run there (default: --queries)")
     parser.add_argument("--out", default="outputs/compare")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. reward=colour; "
                         "stage.* keys go to the alignment stages only")
@@ -330,16 +334,17 @@ def main() -> None:
         for method, plan in plans(pretrained, seed, args.queries, out, prompts, overrides, args.methods).items():
             results.setdefault(method, {})[seed] = collect(out, method, seed, run_plan(plan))
     resolution, seed = {}, args.seeds[0]
+    queries = args.resolution_queries or args.queries
     default = config(["stage=vader", *overrides]).stage.resolution  # the main comparison's: its runs are reused
     for res in args.resolutions:
         folder = out / "resolution" / f"{res}px"
-        for method, plan in plans(pretrained, seed, args.queries, folder, prompts,
+        for method, plan in plans(pretrained, seed, queries, folder, prompts,
                                   [*overrides, f"stage.resolution={res}"], args.resolution_methods).items():
-            run = results[method][seed] if res == default and method in results else \
-                collect(folder, method, seed, run_plan(plan))
+            reuse = res == default and queries == args.queries and method in results
+            run = results[method][seed] if reuse else collect(folder, method, seed, run_plan(plan))
             resolution.setdefault(res, {})[method] = gains_of(run)
     reward = next(o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("reward="))
-    print(report(results, reward, args.queries, out, resolution or None))
+    print(report(results, reward, args.queries, out, resolution or None, seed, queries))
     print(f"report: {out / 'report.md'}")
 
 
