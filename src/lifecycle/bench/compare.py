@@ -305,6 +305,7 @@ def run_plan(plan: list[list[str]]) -> dict:
             result = json.loads(done.read_text())["result"]
             continue
         result = run_overrides(overrides)
+        done.parent.mkdir(parents=True, exist_ok=True)  # a stage without checkpoints may leave no run directory
         done.write_text(json.dumps({"overrides": overrides, "result": result}, indent=1))
     return result
 
