@@ -180,7 +180,7 @@ def plot(results: dict[str, dict[int, dict]], x: str, label: str, path: Path, ju
 
     keys = [("reward", "reward (training prompts)")]
     if judge:
-        keys.append(("judge", f"judge: mean {' / '.join(JUDGE)} (not optimised)"))
+        keys.append(("judge", "judge: oracle colour/direction accuracy"))
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, (y, ylabel) in zip(axes[0], keys):
         for method, runs in results.items():
@@ -193,7 +193,8 @@ def plot(results: dict[str, dict[int, dict]], x: str, label: str, path: Path, ju
                 ax.plot([p[x] for p in c if p.get("judge_guard")], [p[y] for p in c if p.get("judge_guard")], "x",
                         color=colour, ms=9, mew=2)
             xs, ys = _mean_curve(curves, x, y)
-            ax.plot(xs, ys, color=colour, lw=2.5, label=method, marker="o", ms=3)
+            style = "--" if method == "VADER + judge guard" else "-"  # it follows VADER's curve until it stops
+            ax.plot(xs, ys, color=colour, lw=2.5, ls=style, label=method, marker="o", ms=3)
             if xs[0] > 0:  # queries or seconds spent before training (DPO's pairs): the base model's value meanwhile
                 ax.plot([0, xs[0]], [ys[0], ys[0]], color=colour, lw=1.5, ls="--")
         ax.set_xlabel(label)
