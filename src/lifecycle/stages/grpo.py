@@ -79,18 +79,24 @@ class Config(AlignmentConfig):
                  "ppo.clip_range", "ppo.adv_clip_max")
         if st.kl_beta < 0:
             raise ConfigError(f"stage.kl_beta: must be >= 0 (0: no KL penalty), got {st.kl_beta}")
-        if smp.group_size < 2:
-            raise ConfigError(f"stage.sample.group_size: a group needs at least 2 samples to compare, got {smp.group_size}")
-        samples = smp.batch_size * smp.num_batches
-        if samples % smp.group_size:
-            raise ConfigError(f"stage.sample.group_size: {smp.group_size} must divide the {samples} samples of an epoch "
-                              f"(sample.batch_size x sample.num_batches)")
+        samples = check_groups(smp)
         if not 0 < ppo.timestep_fraction <= 1:
             raise ConfigError(f"stage.ppo.timestep_fraction: must be in (0, 1], got {ppo.timestep_fraction}")
         if samples % ppo.batch_size or (samples // ppo.batch_size) % ppo.accumulate:
             raise ConfigError(f"stage.ppo.batch_size: {ppo.batch_size} x accumulate {ppo.accumulate} must divide the "
                               f"{samples} samples of an epoch (sample.batch_size x sample.num_batches)")
         super().check(cfg)
+
+
+def check_groups(sample: DictConfig) -> int:
+    """`stage.sample`'s groups (GRPO, NFT): at least 2 samples each, dividing an epoch's samples (returned)."""
+    if sample.group_size < 2:
+        raise ConfigError(f"stage.sample.group_size: a group needs at least 2 samples to compare, got {sample.group_size}")
+    samples = sample.batch_size * sample.num_batches
+    if samples % sample.group_size:
+        raise ConfigError(f"stage.sample.group_size: {sample.group_size} must divide the {samples} samples of an epoch "
+                          f"(sample.batch_size x sample.num_batches)")
+    return samples
 
 
 # -- the LightningModule ------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from ..diffusion.sampling import sample
 from ..errors import ConfigError
 from ..models import ModelBundle
 from .base import AlignmentConfig
-from .grpo import GRPORun, GRPOStage
+from .grpo import GRPORun, GRPOStage, check_groups
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -83,12 +83,7 @@ class Config(AlignmentConfig):
         positive(st, "epochs", "sample.batch_size", "sample.num_batches", "sample.group_size", "sample.num_steps",
                  "nft.beta", "nft.adv_clip_max", "nft.timesteps", "train.inner_epochs", "train.batch_size",
                  "train.accumulate")
-        if smp.group_size < 2:
-            raise ConfigError(f"stage.sample.group_size: a group needs at least 2 samples to compare, got {smp.group_size}")
-        samples = smp.batch_size * smp.num_batches
-        if samples % smp.group_size:
-            raise ConfigError(f"stage.sample.group_size: {smp.group_size} must divide the {samples} samples of an epoch "
-                              f"(sample.batch_size x sample.num_batches)")
+        samples = check_groups(smp)
         if st.nft.timesteps > smp.num_steps:
             raise ConfigError(f"stage.nft.timesteps: {st.nft.timesteps} noise levels per sample, but the sampler's "
                               f"schedule has only sample.num_steps = {smp.num_steps}")
